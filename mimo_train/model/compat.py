@@ -121,3 +121,17 @@ def _patch_moe() -> None:
 def rng_state() -> torch.Tensor:
     """The state of the generator standing in for CUDA's (checkpointed with the other RNGs)."""
     return _RNG.get_state()
+
+
+@contextlib.contextmanager
+def placement(device: str):
+    """Place the tensors megatron creates with `device=torch.cuda.current_device()` on `device`
+    (e.g. "meta", to build a model of any size without memory), on any machine."""
+    apply()
+    previous = torch.cuda.current_device
+    torch.cuda.current_device = lambda: device
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.cuda.current_device = previous

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.multi_token_prediction import roll_tensor
 
 from mimo_train.model import compat
@@ -96,12 +97,12 @@ class MiMoGPTModel(GPTModel):
 
 
 def build_model(cfg: ModelConfig, opt: MegatronOptions | None = None, *, vp_stage: int | None = None,
-                pre_process: bool | None = None, post_process: bool | None = None) -> MiMoGPTModel:
+                pre_process: bool | None = None, post_process: bool | None = None,
+                config: TransformerConfig | None = None) -> MiMoGPTModel:
     """Build this rank's part of the model. megatron's parallel state must be initialised
-    (see mimo_train.parallel.setup)."""
+    (see mimo_train.parallel.setup). `config` overrides the TransformerConfig made from cfg/opt."""
     compat.apply()
-    opt = opt or MegatronOptions()
-    config = transformer_config(cfg, opt)
+    config = config or transformer_config(cfg, opt or MegatronOptions())
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
