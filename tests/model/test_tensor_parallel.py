@@ -1,0 +1,25 @@
+"""Our attention under tensor parallelism (heads, kv heads and sinks split over 2 gloo ranks)
+gives the logits of one process, for the main model and every MTP depth."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tests.model import tp_worker
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_tp2_logits_equal_one_process(tmp_path, megatron_single):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "29517", "tests/model/tp_worker.py",
+                    str(tmp_path / "tp2.pt"), "2"], cwd=ROOT, check=True, capture_output=True)
+    parallel = torch.load(tmp_path / "tp2.pt")
+    single = tp_worker.logits(tp=1)
+    assert len(parallel) == len(single) == 4
+    for depth, (a, b) in enumerate(zip(parallel, single)):
+        assert a.shape == b.shape
+        assert (a - b).abs().max().item() <= 1e-5, f"depth {depth}"

@@ -1,0 +1,32 @@
+"""Run under torchrun: build a dense tiny model with tensor parallelism and save its logits.
+
+    torchrun --nproc-per-node 2 tests/model/tp_worker.py OUT.pt TP
+"""
+
+import sys
+import warnings
+
+import torch
+
+from mimo_train.model.config import ModelConfig
+from mimo_train.model.gpt import build_model
+from mimo_train.model.spec import MegatronOptions
+from mimo_train.parallel.setup import init_distributed
+
+DENSE_TINY = dict(moe_layer_freq=[0] * 6, num_key_value_heads=2, swa_num_key_value_heads=2)
+
+
+def logits(tp: int) -> list[torch.Tensor]:
+    init_distributed(tp=tp, seed=0)
+    model = build_model(ModelConfig.preset("tiny", **DENSE_TINY), MegatronOptions(tp=tp))
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model(ids, runtime_gather_output=True).logits
+
+
+if __name__ == "__main__":
+    warnings.filterwarnings("ignore")
+    out = logits(int(sys.argv[2]))
+    if torch.distributed.get_rank() == 0:
+        torch.save(out, sys.argv[1])
+    torch.distributed.destroy_process_group()
