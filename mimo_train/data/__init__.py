@@ -1,0 +1,1 @@
+"""Synthetic verifiable task families and a tiny character-level tokenizer, all generated locally."""
