@@ -1,5 +1,6 @@
 """Our attention under tensor parallelism (heads, kv heads and sinks split over 2 gloo ranks)
-gives the logits of one process, for the main model and every MTP depth."""
+gives the logits of one process, for the main model and every MTP depth, and its sinks are
+checkpointed as TP shards of one tensor."""
 
 import shutil
 import subprocess
@@ -17,9 +18,14 @@ def test_tp2_logits_equal_one_process(tmp_path, megatron_single):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "29517", "tests/model/tp_worker.py",
                     str(tmp_path / "tp2.pt"), "2"], cwd=ROOT, check=True, capture_output=True)
-    parallel = torch.load(tmp_path / "tp2.pt")
+    saved = torch.load(tmp_path / "tp2.pt")
+    parallel = saved["logits"]
     single = tp_worker.logits(tp=1)
     assert len(parallel) == len(single) == 4
     for depth, (a, b) in enumerate(zip(parallel, single)):
         assert a.shape == b.shape
         assert (a - b).abs().max().item() <= 1e-5, f"depth {depth}"
+    # Each rank holds half the heads' sinks; checkpoints store them as one tensor of all heads.
+    heads = 4
+    assert len(saved["sinks"]) == 4 + 3  # 4 SWA layers + 3 MTP layers
+    assert set(saved["sinks"].values()) == {((heads // 2,), (heads,))}

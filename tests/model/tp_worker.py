@@ -17,16 +17,24 @@ DENSE_TINY = dict(moe_layer_freq=[0] * 6, num_key_value_heads=2, swa_num_key_val
 
 
 def logits(tp: int) -> list[torch.Tensor]:
+    return run(tp)[0]
+
+
+def run(tp: int) -> tuple[list[torch.Tensor], dict[str, tuple]]:
+    """Logits of every depth, and (local shape, global shape) of each sink parameter as
+    megatron's distributed checkpointing will store it."""
     init_distributed(tp=tp, seed=0)
     model = build_model(ModelConfig.preset("tiny", **DENSE_TINY), MegatronOptions(tp=tp))
+    sinks = {k: (tuple(t.local_shape), tuple(t.global_shape))
+             for k, t in model.sharded_state_dict().items() if k.endswith("sinks")}
     ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        return model(ids, runtime_gather_output=True).logits
+        return model(ids, runtime_gather_output=True).logits, sinks
 
 
 if __name__ == "__main__":
     warnings.filterwarnings("ignore")
-    out = logits(int(sys.argv[2]))
+    out, sinks = run(int(sys.argv[2]))
     if torch.distributed.get_rank() == 0:
-        torch.save(out, sys.argv[1])
+        torch.save({"logits": out, "sinks": sinks}, sys.argv[1])
     torch.distributed.destroy_process_group()
