@@ -47,6 +47,9 @@ def transformer_config(cfg: ModelConfig, opt: MegatronOptions | None = None) -> 
     if not cfg.norm_topk_prob and cfg.num_experts_per_tok > 1:
         raise ValueError("norm_topk_prob=False is not supported: megatron-core's sigmoid router always "
                          "normalises the top-k weights; set norm_topk_prob: true")
+    if cfg.norm_topk_prob and cfg.num_experts_per_tok == 1 and any(cfg.moe_layer_freq):
+        raise ValueError("num_experts_per_tok=1 with norm_topk_prob: megatron-core's sigmoid router weights the "
+                         "single expert by its score, the reference by 1.0; use top-k >= 2")
     dtype = torch.bfloat16 if opt.bf16 else torch.float32
     has_moe = any(cfg.moe_layer_freq)
     grouped = cfg.n_group > 1

@@ -64,7 +64,7 @@ def test_transformers_reads_our_config_json(tmp_path):
     ({"not_a_field": 1}, "unknown field(s) ['not_a_field']"),
 ])
 def test_bad_values_are_named(override, message):
-    with pytest.raises(ValueError, match=None) as err:
+    with pytest.raises(ValueError) as err:
         ModelConfig.preset("tiny", **override)
     assert message in str(err.value)
 
@@ -72,3 +72,14 @@ def test_bad_values_are_named(override, message):
 def test_unknown_preset_lists_known_ones():
     with pytest.raises(ValueError, match="known presets"):
         ModelConfig.preset("gpt5")
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"norm_topk_prob": False}, "norm_topk_prob=False is not supported"),
+    ({"num_experts_per_tok": 1}, "use top-k >= 2"),
+])
+def test_routing_megatron_cannot_match_is_refused(override, message):
+    from mimo_train.model.spec import transformer_config
+
+    with pytest.raises(ValueError, match=message):
+        transformer_config(ModelConfig.preset("tiny", **override))
