@@ -18,6 +18,9 @@ What the patches do:
    router); define it as None so the router uses plain matmul.
 5. The MoE all-to-all dispatcher hands numpy split sizes to `all_to_all_single`, which
    torch 2.13 rejects: convert them to lists.
+
+`placement("meta")` is separate and temporary: it points the same device calls at another
+device for the duration of a build (parameter counts of the 309B preset on the meta device).
 """
 
 from __future__ import annotations
@@ -116,11 +119,6 @@ def _patch_moe() -> None:
         return original(ctx, group, input, as_list(output_split_sizes), as_list(input_split_sizes))
 
     mappings._AllToAll.forward = staticmethod(forward)
-
-
-def rng_state() -> torch.Tensor:
-    """The state of the generator standing in for CUDA's (checkpointed with the other RNGs)."""
-    return _RNG.get_state()
 
 
 @contextlib.contextmanager
