@@ -18,18 +18,10 @@ from rich.table import Table
 from tqdm import tqdm
 
 
-def copy_batch(vocab: int, batch: int, half: int, gen: torch.Generator):
-    first = torch.randint(3, vocab, (batch, half), generator=gen)
-    ids = torch.cat([first, first], dim=1)
-    labels = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
-    mask = torch.ones_like(ids, dtype=torch.float32)
-    mask[:, -1] = 0
-    return ids, labels, mask
-
-
 def main(argv: list[str]) -> list[dict]:
     args = dict(a.split("=", 1) for a in argv)
     steps = int(args.get("steps", 40))
+    from mimo_train.data.copy_task import copy_batch
     from mimo_train.model.config import ModelConfig
     from mimo_train.model.gpt import build_model
     from mimo_train.model.params import count_parameters

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import mimo_train
+from mimo_train.data.copy_task import copy_batch
 from mimo_train.model.config import ModelConfig
 from mimo_train.model.gpt import build_model
 from mimo_train.training.loss import lm_loss
@@ -115,16 +116,6 @@ def test_mtp_logits_match_reference_chain(tmp_path, megatron_single, depth):
         assert (got[k + 1] - expected[k]).abs().max().item() <= 1e-4, f"MTP depth {k + 1}"
 
 
-def copy_batch(batch: int, half: int, gen: torch.Generator):
-    """Random tokens (16 symbols) followed by a copy of them; loss on the copy only."""
-    first = torch.randint(3, 19, (batch, half), generator=gen)
-    ids = torch.cat([first, first], dim=1)
-    labels = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
-    mask = torch.zeros_like(ids, dtype=torch.float32)
-    mask[:, half - 1:-1] = 1.0  # targets inside the copy
-    return ids, labels, mask
-
-
 def test_main_and_mtp_losses_fall_on_copy_task(megatron_single):
     cfg = ModelConfig.preset("tiny", sliding_window_size=32)
     torch.manual_seed(0)
@@ -133,7 +124,7 @@ def test_main_and_mtp_losses_fall_on_copy_task(megatron_single):
     gen = torch.Generator().manual_seed(0)
     history = []
     for _ in range(30):
-        ids, labels, mask = copy_batch(16, 8, gen)
+        ids, labels, mask = copy_batch(19, 16, 8, gen, loss_on_copy_only=True)  # 16 symbols
         loss, metrics = lm_loss(model(ids, labels=labels, loss_mask=mask), mtp_weight=0.3)
         opt.zero_grad()
         loss.backward()
