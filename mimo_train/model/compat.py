@@ -18,6 +18,17 @@ What the patches do:
    router); define it as None so the router uses plain matmul.
 5. The MoE all-to-all dispatcher hands numpy split sizes to `all_to_all_single`, which
    torch 2.13 rejects: convert them to lists.
+6. The optimizer package (optimizer.py, distrib_optimizer.py, clip_grads.py, and the
+   multi-tensor fallbacks in megatron/core/utils.py), the pipeline schedules and the checkpoint
+   saver create scalars
+   with a literal `device='cuda'` and checks `param.type() == 'torch.cuda.FloatTensor'`: those
+   modules see a `torch` whose factories map 'cuda' to 'cpu'; `Tensor.type()` answers with
+   the CUDA type name when (and only when) the caller is megatron's optimizer package, and
+   `Tensor.cuda()` called from megatron-core returns the tensor itself.
+
+`fix_torch_adam_checkpoint()` is not about CUDA and is applied on any machine: with torch's
+AdamW (no Apex/TE), the distributed optimizer's fully-reshardable checkpoint load copies every
+optimizer-state key, including Adam's `step`, which the checkpoint keeps elsewhere (KeyError).
 
 `placement("meta")` is separate and temporary: it points the same device calls at another
 device for the duration of a build (parameter counts of the 309B preset on the meta device).
@@ -76,6 +87,7 @@ def apply() -> bool:
     _patch_torch_cuda()
     _patch_rng()
     _patch_moe()
+    _patch_optimizer()
     _APPLIED = True
     return True
 
@@ -119,6 +131,82 @@ def _patch_moe() -> None:
         return original(ctx, group, input, as_list(output_split_sizes), as_list(input_split_sizes))
 
     mappings._AllToAll.forward = staticmethod(forward)
+
+
+class _CpuTorch:
+    """`torch`, except that tensor factories asked for device 'cuda' build on the CPU."""
+
+    _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "zeros_like", "ones_like", "empty_like")
+
+    def __getattr__(self, name):
+        value = getattr(torch, name)
+        if name not in self._FACTORIES:
+            return value
+
+        @functools.wraps(value)
+        def factory(*args, **kwargs):
+            if str(kwargs.get("device", "")).startswith("cuda"):
+                kwargs["device"] = "cpu"
+            return value(*args, **kwargs)
+
+        return factory
+
+
+def _patch_optimizer() -> None:
+    import sys
+
+    from megatron.core import utils
+    from megatron.core.dist_checkpointing.strategies import state_dict_saver
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+    from megatron.core.pipeline_parallel import schedules
+
+    cpu_torch = _CpuTorch()
+    # utils holds the multi-tensor fallbacks (l2 norm, scale) that clip_grads calls.
+    for module in (clip_grads, distrib_optimizer, optimizer, utils, schedules, state_dict_saver):
+        module.torch = cpu_torch
+
+    original_type = torch.Tensor.type
+
+    @functools.wraps(original_type)
+    def tensor_type(self, *args, **kwargs):
+        name = original_type(self, *args, **kwargs)
+        if args or kwargs or self.device.type != "cpu":
+            return name
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        return name.replace("torch.", "torch.cuda.", 1) if caller.startswith("megatron.core.optimizer") else name
+
+    torch.Tensor.type = tensor_type
+
+    original_cuda = torch.Tensor.cuda
+
+    @functools.wraps(original_cuda)
+    def tensor_cuda(self, *args, **kwargs):
+        if sys._getframe(1).f_globals.get("__name__", "").startswith("megatron.core"):
+            return self  # e.g. the distributed optimizer's checkpoint gather: stays on the CPU
+        return original_cuda(self, *args, **kwargs)
+
+    torch.Tensor.cuda = tensor_cuda
+
+
+def fix_torch_adam_checkpoint() -> None:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(original, "_mimo_fixed", False):
+        return
+
+    @functools.wraps(original)
+    def set_states(self, model_param, tensors):
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        destination = {"param": main_param, **self.optimizer.state[main_param]}
+        for key, value in tensors.items():  # "step" is restored by load_state_dict itself
+            destination[key].copy_(value)
+
+    set_states._mimo_fixed = True
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
 
 
 @contextlib.contextmanager

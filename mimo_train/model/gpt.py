@@ -50,6 +50,12 @@ def vocab_parallel_top1_correct(logits: torch.Tensor, labels: torch.Tensor, tp_g
     return target >= best
 
 
+def roll_left(tensor: torch.Tensor, packed_seq_params=None, cp_group=None) -> torch.Tensor:
+    """Shift [b, s] targets or masks one position left for the next depth (zero at each
+    sequence's end, packed sequences respected): depth k's labels are depth k-1's, rolled."""
+    return roll_tensor(tensor, shifts=-1, dims=-1, cp_group=cp_group, packed_seq_params=packed_seq_params)[0]
+
+
 class MiMoGPTModel(GPTModel):
     def forward(self, input_ids, position_ids=None, attention_mask=None, labels=None, loss_mask=None,
                 packed_seq_params=None, decoder_input=None, **kwargs) -> MiMoOutput | torch.Tensor:
@@ -84,10 +90,8 @@ class MiMoGPTModel(GPTModel):
                 out.logits.append(logits.transpose(0, 1).contiguous())
                 continue
             if depth > 0:  # depth k predicts labels shifted left by k more positions
-                targets, _ = roll_tensor(targets, shifts=-1, dims=-1, cp_group=self.cp_group,
-                                         packed_seq_params=packed_seq_params)
-                mask, _ = roll_tensor(mask, shifts=-1, dims=-1, cp_group=self.cp_group,
-                                      packed_seq_params=packed_seq_params)
+                targets = roll_left(targets, packed_seq_params, self.cp_group)
+                mask = roll_left(mask, packed_seq_params, self.cp_group)
             out.losses.append(self.compute_language_model_loss(targets, logits))
             out.loss_masks.append(mask.float())
             with torch.no_grad():
@@ -121,4 +125,4 @@ def build_model(cfg: ModelConfig, opt: MegatronOptions | None = None, *, vp_stag
     )
 
 
-__all__ = ["MiMoGPTModel", "MiMoOutput", "build_model"]
+__all__ = ["MiMoGPTModel", "MiMoOutput", "build_model", "roll_left"]

@@ -2,7 +2,8 @@
 
 megatron-core's own modules are used where they fit (TransformerLayer, RMSNorm, dense MLP,
 MoELayer with its sigmoid router and aux-loss-free expert bias, the MTP block); attention is
-our `MiMoAttention`, chosen per layer: global or SWA. MTP layers are SWA + dense FFN.
+our `MiMoAttention`, chosen per layer: global or SWA. MTP layers are SWA + dense FFN. Norms are
+`mimo_train.model.norm.RMSNorm` (torch's RMSNorm that also runs under sequence parallelism).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from mimo_train.model.attention import MiMoAttention
 from mimo_train.model.config import ModelConfig
+from mimo_train.model.norm import replace_norms
 
 
 @dataclass
@@ -121,7 +123,7 @@ def layer_spec(cfg: ModelConfig, *, swa: bool, moe: bool) -> ModuleSpec:
     attention = ModuleSpec(module=MiMoAttention,
                            params={"model_config": cfg, "swa": swa, "attn_mask_type": AttnMaskType.causal})
     submodules = dataclasses.replace(base.submodules, self_attention=attention, sharded_state_dict_keys_map={})
-    return ModuleSpec(module=base.module, submodules=submodules)
+    return replace_norms(ModuleSpec(module=base.module, submodules=submodules))
 
 
 def decoder_block_spec(cfg: ModelConfig, config: TransformerConfig, vp_stage: int | None = None) -> TransformerBlockSubmodules:
@@ -129,13 +131,13 @@ def decoder_block_spec(cfg: ModelConfig, config: TransformerConfig, vp_stage: in
     specs = [layer_spec(cfg, swa=cfg.is_swa(i), moe=cfg.is_moe(i)) for i in range(cfg.num_hidden_layers)]
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
-    norm = get_gpt_layer_local_spec(normalization="RMSNorm").submodules.input_layernorm
-    return TransformerBlockSubmodules(layer_specs=specs[offset:offset + count], layer_norm=norm)
+    return TransformerBlockSubmodules(layer_specs=specs[offset:offset + count], layer_norm=replace_norms(
+        get_gpt_layer_local_spec(normalization="RMSNorm").submodules.input_layernorm))
 
 
 def mtp_block_spec(cfg: ModelConfig, config: TransformerConfig, vp_stage: int | None = None):
     """MTP layers (SWA attention with sinks + dense FFN), or None on stages without them."""
     if not cfg.num_nextn_predict_layers:
         return None
-    return get_gpt_mtp_block_spec(config, layer_spec(cfg, swa=True, moe=False),
-                                  use_transformer_engine=False, vp_stage=vp_stage)
+    return replace_norms(get_gpt_mtp_block_spec(config, layer_spec(cfg, swa=True, moe=False),
+                                                use_transformer_engine=False, vp_stage=vp_stage))

@@ -1,0 +1,65 @@
+"""Is a parallel layout possible for this model on this many ranks? Say what would be, if not.
+
+Checked before any process group or model is built, so a wrong layout costs one error line,
+not a hang inside a collective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mimo_train.model.config import ModelConfig
+
+
+class LayoutError(ValueError):
+    pass
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    ep: int
+    dp: int
+    vpp: int | None
+
+
+def check_layout(cfg: ModelConfig, world: int, tp: int, pp: int, ep: int, vpp: int | None,
+                 global_batch: int, micro_batch: int) -> Layout:
+    problems = []
+    if world % (tp * pp):
+        problems.append(f"world size {world} is not divisible by tp*pp = {tp * pp} "
+                        f"(tp*pp must be one of {_divisors(world)})")
+    dp = max(world // (tp * pp), 1)
+    for kind in ("global", "swa"):
+        dims = cfg.attention_dims(kind == "swa")
+        for what, n in (("attention heads", dims["num_heads"]), ("kv heads", dims["num_kv_heads"])):
+            if n % tp:
+                problems.append(f"tp={tp} does not divide the {n} {kind} {what} "
+                                f"(tp can be one of {_divisors(n)})")
+    if any(cfg.moe_layer_freq):
+        if cfg.n_routed_experts % ep:
+            problems.append(f"ep={ep} does not divide the {cfg.n_routed_experts} experts "
+                            f"(ep can be one of {_divisors(cfg.n_routed_experts)})")
+        if world % pp or (world // pp) % ep:
+            problems.append(f"ep={ep} must divide world/pp = {world}/{pp} (expert ranks come from tp x dp)")
+    elif ep > 1:
+        problems.append(f"ep={ep} but the model has no MoE layers: use ep=1")
+    stages = pp * (vpp or 1)
+    if cfg.num_hidden_layers % stages:
+        problems.append(f"pp*vpp = {stages} does not divide the {cfg.num_hidden_layers} layers "
+                        f"(pp*vpp can be one of {_divisors(cfg.num_hidden_layers)})")
+    if global_batch % (dp * micro_batch):
+        problems.append(f"train.global_batch={global_batch} is not divisible by dp*micro_batch = "
+                        f"{dp}*{micro_batch}")
+    elif vpp and (global_batch // (dp * micro_batch)) % pp:
+        problems.append(f"interleaved pipeline (vpp={vpp}) needs the number of micro-batches "
+                        f"({global_batch // (dp * micro_batch)}) to be a multiple of pp={pp}")
+    if problems:
+        raise LayoutError("unsupported parallel layout (tp={}, pp={}, ep={}, vpp={}, world {}): {}".format(
+            tp, pp, ep, vpp, world, "; ".join(problems)))
+    return Layout(tp=tp, pp=pp, ep=ep, dp=dp, vpp=vpp)

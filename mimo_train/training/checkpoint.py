@@ -1,0 +1,175 @@
+"""Training checkpoints: megatron-core distributed checkpoints, written atomically.
+
+Layout of `<checkpoint dir>`:
+
+    latest                  "iter_0000040": the last complete checkpoint
+    iter_0000040/           megatron dist_checkpointing files (model + optimizer, any layout)
+        mimo_state.json     step, scheduler, data position, model config, layout (written last)
+        rng/rank_00000.pt   every RNG state of each rank
+
+A save goes to `iter_N.tmp/` and is renamed to `iter_N/` only when every rank has finished
+and the state file is on disk; `latest` is then replaced atomically. A crash at any moment
+leaves the previous checkpoint and `latest` untouched; a leftover `.tmp` is deleted by the
+next save. Model and optimizer tensors are stored by their global (layout-free) keys, so a
+checkpoint resumes under a different TP/PP/EP/DP layout; RNG states are per rank and are
+restored only under the same layout (the data position is global either way).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+
+from mimo_train.model import compat
+
+STATE_FILE = "mimo_state.json"
+# The optimizer state is saved per parameter in the canonical (unsharded) form, so it reloads
+# under any data-parallel size.
+SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(),  # on CPU: the generator compat.py stands in with
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _bare(chunk):
+    return getattr(chunk, "module", chunk)
+
+
+def _sharded(model_chunks, optimizer, is_loading: bool) -> dict:
+    # The DDP wrapper would prefix every key with "module."; the keys are the bare model's.
+    model = {f"model{i}": _bare(chunk).sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+    merged = {}
+    for part in model.values():
+        merged.update(part)
+    return {**model, "optimizer": optimizer.sharded_state_dict(merged, is_loading=is_loading, metadata=SHARDING)}
+
+
+def _init_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer its Adam state before loading into it: with torch's
+    AdamW (no Apex/TE) megatron reads the state's `step` while building the sharded dict to
+    load, before it would create the state itself. The dummy values are all overwritten."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(inner, DistributedOptimizer) and not inner.optimizer.state:
+            inner._init_optimizer_states_with_dummy_values()
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """megatron's distributed optimizer restores torch Adam's per-parameter `step` as one
+    tensor shared by every parameter; torch then increments it once per parameter per step.
+    Give each parameter its own copy, as a run that never stopped has."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_optimizer = getattr(inner, "optimizer", None)
+        for state in getattr(torch_optimizer, "state", {}).values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
+def latest(checkpoint_dir: Path) -> Path | None:
+    """The last complete checkpoint, or None if there is none."""
+    pointer = Path(checkpoint_dir) / "latest"
+    if not pointer.exists():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    if not (path / STATE_FILE).exists():
+        raise CheckpointError(f"{pointer} points to {path}, which is not a complete checkpoint "
+                              f"(no {STATE_FILE}); delete {pointer} to start over or point it to a complete iter_* dir")
+    return path
+
+
+def save(checkpoint_dir: Path, step: int, model_chunks, optimizer, state: dict, keep_last: int) -> Path:
+    """Save on every rank; returns the final directory."""
+    checkpoint_dir = Path(checkpoint_dir)
+    final = checkpoint_dir / f"iter_{step:07d}"
+    tmp = checkpoint_dir / f"iter_{step:07d}.tmp"
+    rank = dist.get_rank()
+    if (final / STATE_FILE).exists():
+        return final  # this step is already saved, completely; never rewrite a good checkpoint
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a crash during an earlier save
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save(_sharded(model_chunks, optimizer, is_loading=False), str(tmp))
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    dist.barrier()
+    if rank == 0:
+        _fsync_write(tmp / STATE_FILE, json.dumps({**state, "step": step, "world_size": dist.get_world_size()}, indent=1))
+        if final.exists():  # an incomplete dir without a state file cannot be `latest`
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_write(checkpoint_dir / "latest", final.name)
+        complete = sorted(p for p in checkpoint_dir.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in complete[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def read_state(path: Path) -> dict:
+    path = Path(path)
+    if not (path / STATE_FILE).exists():
+        raise CheckpointError(f"{path} is not a complete mimo-train checkpoint (no {STATE_FILE})")
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def load(path: Path, model_chunks, optimizer, *, load_optimizer: bool = True, load_rng: bool = True) -> dict:
+    """Load model (and optimizer, and this rank's RNG) in place; returns the saved state."""
+    path = Path(path)
+    state = read_state(path)
+    if load_optimizer:
+        compat.fix_torch_adam_checkpoint()
+        _init_optimizer_state(optimizer)
+    sharded = _sharded(model_chunks, optimizer, is_loading=True)
+    if not load_optimizer:
+        sharded.pop("optimizer")
+    loaded = dist_checkpointing.load(sharded, str(path))
+    for i, chunk in enumerate(model_chunks):
+        _bare(chunk).load_state_dict(loaded[f"model{i}"])
+    if load_optimizer:
+        optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(optimizer)
+    rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
+    if load_rng and rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return state

@@ -1,0 +1,121 @@
+"""The pretrain / SFT run: set up, resume, step, track, checkpoint, finish.
+
+Stops cleanly (with a checkpoint) at the last step or on SIGTERM/SIGINT between steps; stops
+without saving after too many non-finite steps, so the last good checkpoint stays `latest`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+from pathlib import Path
+
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from mimo_train.data.dataset import DataLoader, PackedDataset
+from mimo_train.parallel.layout import Layout
+from mimo_train.parallel.setup import init_distributed
+from mimo_train.training import checkpoint
+from mimo_train.training.config import RunConfig
+from mimo_train.training.tracking import Tracker, plot_losses
+from mimo_train.training.trainer import TooManySkippedSteps, Trainer
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop saves and exits at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def _model_mismatch(saved: dict, current: dict) -> list[str]:
+    return [f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
+            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+
+
+def resume(trainer: Trainer, loader: DataLoader, config: RunConfig, layout: Layout) -> str | None:
+    """Load `latest` (full state) or `checkpoint.load` (weights only). Returns what was loaded."""
+    path = checkpoint.latest(config.checkpoint_dir) if config.checkpoint.resume else None
+    full = path is not None
+    if path is None and config.checkpoint.load:
+        path = Path(config.checkpoint.load)
+        if (path / "latest").exists():  # a checkpoint dir rather than one iter_* dir
+            path = checkpoint.latest(path)
+        if not path.exists():
+            raise checkpoint.CheckpointError(f"checkpoint.load={config.checkpoint.load}: no such checkpoint")
+    if path is None:
+        return None
+    state = checkpoint.read_state(path)
+    diff = _model_mismatch(state["model"], dataclasses.asdict(config.model))
+    if diff:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path} was saved for a different model config ({'; '.join(diff)}); "
+            "use the model config it was trained with, or a different checkpoint.dir")
+    same_layout = state.get("layout") == dataclasses.asdict(layout)
+    checkpoint.load(path, trainer.model, trainer.optimizer, load_optimizer=full, load_rng=full and same_layout)
+    if full:
+        trainer.load_state(state)
+        loader.load_state_dict(state["data"])
+    return str(path)
+
+
+def run(config: RunConfig, layout: Layout) -> dict:
+    """Train; returns the last step's metrics (on every rank)."""
+    init_distributed(layout.tp, layout.pp, layout.ep, layout.vpp, seed=config.train.seed)
+    rank0 = dist.get_rank() == 0
+    dataset = PackedDataset(config.data)
+    loader = DataLoader(dataset, global_batch=config.train.global_batch, micro_batch=config.train.micro_batch,
+                        dp_rank=parallel_state.get_data_parallel_rank(),
+                        dp_size=parallel_state.get_data_parallel_world_size())
+    trainer = Trainer(config, layout)
+    resumed = resume(trainer, loader, config, layout)
+    tracker = Tracker(config.run_dir, enabled=rank0, total_steps=config.train.steps, start_step=trainer.step,
+                      config=config.to_dict(), wandb_project=config.logging.wandb_project,
+                      wandb_mode=config.logging.wandb_mode, progress=config.logging.progress,
+                      name=f"{config.recipe}")
+    if dataset.skipped:
+        tracker.message(f"data: skipped {dataset.skipped} malformed rows (data.bad_rows=skip)")
+    if resumed:
+        tracker.message(f"resumed from {resumed} at step {trainer.step}")
+    stop = _StopRequest()
+
+    def save() -> None:
+        state = {**trainer.state(), "data": loader.state_dict(), "model": dataclasses.asdict(config.model),
+                 "layout": dataclasses.asdict(layout), "recipe": config.recipe}
+        final = checkpoint.save(config.checkpoint_dir, trainer.step, trainer.model, trainer.optimizer, state,
+                                keep_last=config.checkpoint.keep_last)
+        tracker.message(f"saved {final}")
+
+    metrics = {}
+    try:
+        while trainer.step < config.train.steps and not stop.requested:
+            result = trainer.train_step(loader.next_global_batch())
+            metrics = result.metrics
+            if trainer.step % config.logging.every == 0 or result.skipped:
+                tracker.log(trainer.step, metrics)
+            if result.skipped:
+                tracker.message(f"step {trainer.step}: non-finite loss or gradient, update skipped "
+                                f"({trainer.skipped}/{config.train.max_skipped_steps} allowed)")
+                if trainer.skipped > config.train.max_skipped_steps:
+                    raise TooManySkippedSteps(
+                        f"{trainer.skipped} steps had a non-finite loss or gradient (train.max_skipped_steps="
+                        f"{config.train.max_skipped_steps}); stopped without saving, the last checkpoint is intact")
+            if config.checkpoint.every and trainer.step % config.checkpoint.every == 0:
+                save()
+        save()
+    finally:
+        tracker.close()
+    if rank0 and config.logging.plot and (config.run_dir / "metrics.jsonl").exists():
+        plot_losses(config.run_dir)
+    return metrics
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
