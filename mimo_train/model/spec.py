@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from mimo_train.model.attention import MiMoAttention
 from mimo_train.model.config import ModelConfig
 from mimo_train.model.norm import replace_norms
+from mimo_train.parallel.setup import expert_tp
 
 
 @dataclass
@@ -93,7 +94,7 @@ def transformer_config(cfg: ModelConfig, opt: MegatronOptions | None = None) -> 
         pipeline_model_parallel_size=opt.pp,
         virtual_pipeline_model_parallel_size=opt.virtual_pp,
         expert_model_parallel_size=opt.ep,
-        expert_tensor_parallel_size=1,
+        expert_tensor_parallel_size=expert_tp(opt.tp, opt.ep),
         sequence_parallel=opt.sequence_parallel,
         num_moe_experts=cfg.n_routed_experts if has_moe else None,
         moe_layer_freq=list(cfg.moe_layer_freq),

@@ -12,6 +12,14 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from mimo_train.model import compat
 
 
+def expert_tp(tp: int, ep: int) -> int:
+    """Tensor-parallel size of the experts. With expert parallelism the experts are whole on
+    each rank (megatron needs that for TP x EP on the same ranks); without it they are split like
+    the dense layers, because an expert replicated over TP ranks that each route different
+    (sequence-parallel) tokens would get its gradient reduced over data-parallel ranks only."""
+    return 1 if ep > 1 else tp
+
+
 def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
@@ -41,6 +49,6 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, virtual_pp: int | No
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=virtual_pp, expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=1)
+        expert_tensor_parallel_size=expert_tp(tp, ep))
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)

@@ -79,6 +79,7 @@ class TrainConfig:
     expert_bias_update_rate: float = 1e-3
     max_skipped_steps: int = 5  # NaN/Inf steps tolerated (skipped) before the run stops
     bf16: bool | None = None  # null: bf16 on GPU, fp32 on CPU
+    stop_at: int | None = None  # end this invocation (with a checkpoint) at this step; resume later
 
     def validate(self) -> None:
         _need(self.steps >= 1, "train.steps must be >= 1")
@@ -162,6 +163,11 @@ def load_config(argv: list[str]) -> RunConfig:
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
+    from hydra.core.config_store import ConfigStore
+
+    # Recipes list `run_schema` first in their defaults: every key exists, with its type,
+    # before the recipe, the groups and the command line are merged onto it.
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
     name, overrides = split_recipe(argv)
     try:
         with initialize_config_dir(config_dir=str(RECIPES), version_base=None):

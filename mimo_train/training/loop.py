@@ -95,7 +95,8 @@ def run(config: RunConfig, layout: Layout) -> dict:
 
     metrics = {}
     try:
-        while trainer.step < config.train.steps and not stop.requested:
+        last = min(config.train.steps, config.train.stop_at or config.train.steps)
+        while trainer.step < last and not stop.requested:
             result = trainer.train_step(loader.next_global_batch())
             metrics = result.metrics
             if trainer.step % config.logging.every == 0 or result.skipped:
