@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 
 from mimo_train.model import compat
 
@@ -75,11 +75,12 @@ def _bare(chunk):
 
 def _sharded(model_chunks, optimizer, is_loading: bool) -> dict:
     # The DDP wrapper would prefix every key with "module."; the keys are the bare model's.
-    model = {f"model{i}": _bare(chunk).sharded_state_dict() for i, chunk in enumerate(model_chunks)}
-    merged = {}
-    for part in model.values():
-        merged.update(part)
-    return {**model, "optimizer": optimizer.sharded_state_dict(merged, is_loading=is_loading, metadata=SHARDING)}
+    # megatron reads the DP group from the metadata when the MTP stage holds a tied copy of
+    # the embedding (pipeline parallel).
+    metadata = {**SHARDING, "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+    model = {f"model{i}": _bare(chunk).sharded_state_dict(metadata=metadata) for i, chunk in enumerate(model_chunks)}
+    # Nested, not merged: with virtual stages the chunks reuse local layer names.
+    return {**model, "optimizer": optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=metadata)}
 
 
 def _init_optimizer_state(optimizer) -> None:

@@ -28,11 +28,14 @@ class _StopRequest:
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _model_mismatch(saved: dict, current: dict) -> list[str]:
@@ -98,7 +101,7 @@ def run(config: RunConfig, layout: Layout) -> dict:
         last = min(config.train.steps, config.train.stop_at or config.train.steps)
         while trainer.step < last and not stop.requested:
             result = trainer.train_step(loader.next_global_batch())
-            metrics = result.metrics
+            metrics = {**result.metrics, "data/skipped_rows": dataset.skipped, "data/epoch": loader.epoch}
             if trainer.step % config.logging.every == 0 or result.skipped:
                 tracker.log(trainer.step, metrics)
             if result.skipped:
@@ -112,6 +115,7 @@ def run(config: RunConfig, layout: Layout) -> dict:
                 save()
         save()
     finally:
+        stop.restore()
         tracker.close()
     if rank0 and config.logging.plot and (config.run_dir / "metrics.jsonl").exists():
         plot_losses(config.run_dir)

@@ -1,0 +1,61 @@
+"""Bad input is refused with one clear line that names the problem and the fix; nothing saved
+is touched. These run `mimo_train.run.main` in-process: each fails before any training step."""
+
+import json
+
+import pytest
+
+from mimo_train.run import main
+from tests.training.runs import tiny_args, train
+
+
+def error_of(capsys, argv) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_unknown_key_is_named(capsys, synthetic_data, tmp_path):
+    err = error_of(capsys, tiny_args(synthetic_data, tmp_path, "train.stepz=3"))
+    assert "train.stepz" in err
+
+
+def test_wrong_type_is_named(capsys, synthetic_data, tmp_path):
+    err = error_of(capsys, tiny_args(synthetic_data, tmp_path, "train.steps=many"))
+    assert "train.steps" in err or "steps" in err
+
+
+def test_unknown_recipe(capsys):
+    assert "unknown recipe 'pretrian'" in error_of(capsys, ["recipe=pretrian"])
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("parallel.tp=3", "tp=3 does not divide the 4 global attention heads"),
+    ("parallel.ep=3", "ep=3 does not divide the 8 experts"),
+    ("parallel.pp=4", "pp*vpp = 4 does not divide the 6 layers"),
+])
+def test_layout_that_does_not_divide_the_model(capsys, synthetic_data, tmp_path, override, needle):
+    err = error_of(capsys, tiny_args(synthetic_data, tmp_path, override))
+    assert "unsupported parallel layout" in err and needle in err and "can be one of" in err
+
+
+def test_missing_dataset_path(capsys, synthetic_data, tmp_path, megatron_single):
+    err = error_of(capsys, tiny_args(synthetic_data, tmp_path, f"data.path={tmp_path}/nope.jsonl"))
+    assert "nope.jsonl" in err
+
+
+def test_malformed_rows_skipped_with_a_count_or_refused(capsys, synthetic_data, tmp_path, megatron_single):
+    rows = (synthetic_data / "train.jsonl").read_text().splitlines()[:200]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(rows[:100] + [json.dumps({"txt": "wrong field"}), json.dumps({"text": 7})] + rows[100:]))
+    err = error_of(capsys, tiny_args(synthetic_data, tmp_path / "a", f"data.path={bad}", "data.bad_rows=error"))
+    assert "bad.jsonl" in err and "row 100" in err and "data.bad_rows=skip" in err
+    assert main(tiny_args(synthetic_data, tmp_path / "b", f"data.path={bad}", "train.steps=2",
+                          "train.stop_at=1")) == 0
+    assert "skipped 2 malformed rows" in capsys.readouterr().out + (tmp_path / "b").joinpath("metrics.jsonl").read_text()
+
+
+def test_checkpoint_of_a_different_model_is_refused(capsys, synthetic_data, tmp_path, megatron_single):
+    train(tiny_args(synthetic_data, tmp_path, "train.steps=2", "train.stop_at=1"))
+    err = error_of(capsys, tiny_args(synthetic_data, tmp_path, "train.steps=2", "model.hidden_size=32"))
+    assert "different model config" in err and "hidden_size" in err
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "iter_0000001"
