@@ -74,12 +74,15 @@ def _bare(chunk):
 
 
 def _sharded(model_chunks, optimizer, is_loading: bool) -> dict:
+    """The sharded state dict of the model chunks, and of the optimizer unless it is None."""
     # The DDP wrapper would prefix every key with "module."; the keys are the bare model's.
     # megatron reads the DP group from the metadata when the MTP stage holds a tied copy of
     # the embedding (pipeline parallel).
     metadata = {**SHARDING, "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
     model = {f"model{i}": _bare(chunk).sharded_state_dict(metadata=metadata) for i, chunk in enumerate(model_chunks)}
     # Nested, not merged: with virtual stages the chunks reuse local layer names.
+    if optimizer is None:
+        return model
     return {**model, "optimizer": optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=metadata)}
 
 
@@ -118,7 +121,8 @@ def latest(checkpoint_dir: Path) -> Path | None:
 
 
 def save(checkpoint_dir: Path, step: int, model_chunks, optimizer, state: dict, keep_last: int) -> Path:
-    """Save on every rank; returns the final directory."""
+    """Save on every rank; returns the final directory. `optimizer=None` writes the weights
+    only (`"weights_only": true` in the state file): a starting point, not a resumable run."""
     checkpoint_dir = Path(checkpoint_dir)
     final = checkpoint_dir / f"iter_{step:07d}"
     tmp = checkpoint_dir / f"iter_{step:07d}.tmp"
@@ -135,7 +139,8 @@ def save(checkpoint_dir: Path, step: int, model_chunks, optimizer, state: dict, 
     torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     dist.barrier()
     if rank == 0:
-        _fsync_write(tmp / STATE_FILE, json.dumps({**state, "step": step, "world_size": dist.get_world_size()}, indent=1))
+        _fsync_write(tmp / STATE_FILE, json.dumps({**state, "step": step, "world_size": dist.get_world_size(),
+                                                         "weights_only": optimizer is None}, indent=1))
         if final.exists():  # an incomplete dir without a state file cannot be `latest`
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -161,9 +166,9 @@ def load(path: Path, model_chunks, optimizer, *, load_optimizer: bool = True, lo
     if load_optimizer:
         compat.fix_torch_adam_checkpoint()
         _init_optimizer_state(optimizer)
-    sharded = _sharded(model_chunks, optimizer, is_loading=True)
-    if not load_optimizer:
-        sharded.pop("optimizer")
+    if load_optimizer and state.get("weights_only"):
+        raise CheckpointError(f"{path} holds weights only (no optimizer state): use it as checkpoint.load")
+    sharded = _sharded(model_chunks, optimizer if load_optimizer else None, is_loading=True)
     loaded = dist_checkpointing.load(sharded, str(path))
     for i, chunk in enumerate(model_chunks):
         _bare(chunk).load_state_dict(loaded[f"model{i}"])

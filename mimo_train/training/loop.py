@@ -56,6 +56,7 @@ def resume(trainer: Trainer, loader: DataLoader, config: RunConfig, layout: Layo
     if path is None:
         return None
     state = checkpoint.read_state(path)
+    full = full and not state.get("weights_only", False)
     diff = _model_mismatch(state["model"], dataclasses.asdict(config.model))
     if diff:
         raise checkpoint.CheckpointError(
@@ -92,13 +93,16 @@ def run(config: RunConfig, layout: Layout) -> dict:
     def save() -> None:
         state = {**trainer.state(), "data": loader.state_dict(), "model": dataclasses.asdict(config.model),
                  "layout": dataclasses.asdict(layout), "recipe": config.recipe}
-        final = checkpoint.save(config.checkpoint_dir, trainer.step, trainer.model, trainer.optimizer, state,
+        # Before the first step there is no optimizer state to save: the weights are the checkpoint.
+        optimizer = trainer.optimizer if trainer.step > 0 else None
+        final = checkpoint.save(config.checkpoint_dir, trainer.step, trainer.model, optimizer, state,
                                 keep_last=config.checkpoint.keep_last)
         tracker.message(f"saved {final}")
 
     metrics = {}
     try:
-        last = min(config.train.steps, config.train.stop_at or config.train.steps)
+        stop_at = config.train.stop_at
+        last = config.train.steps if stop_at is None else min(config.train.steps, stop_at)
         while trainer.step < last and not stop.requested:
             result = trainer.train_step(loader.next_global_batch())
             metrics = {**result.metrics, "data/skipped_rows": dataset.skipped, "data/epoch": loader.epoch}

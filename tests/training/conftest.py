@@ -18,8 +18,19 @@ def synthetic_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def reference_run(synthetic_data, tmp_path_factory):
+def initial_weights(synthetic_data, tmp_path_factory):
+    """The tiny model's initial weights, saved before any step. Runs to be compared start from
+    them: megatron initialises each rank's own layers/experts from one RNG stream, so a fresh
+    init depends on the layout (TP alone splits full tensors and would not need this)."""
+    run_dir = tmp_path_factory.mktemp("init")
+    train(tiny_args(synthetic_data, run_dir, "train.stop_at=0"))
+    return run_dir / "checkpoints"
+
+
+@pytest.fixture(scope="session")
+def reference_run(synthetic_data, initial_weights, tmp_path_factory):
     """One process, 6 steps, checkpoint every step: the baseline every other run is held to."""
     run_dir = tmp_path_factory.mktemp("reference")
-    train(tiny_args(synthetic_data, run_dir, "checkpoint.every=1", "checkpoint.keep_last=10", "logging.plot=true"))
+    train(tiny_args(synthetic_data, run_dir, "checkpoint.every=1", "checkpoint.keep_last=10", "logging.plot=true",
+                    init=initial_weights))
     return run_dir

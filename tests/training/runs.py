@@ -12,9 +12,11 @@ ROOT = Path(__file__).resolve().parents[2]
 RUN = ROOT / "mimo_train" / "run.py"
 
 
-def tiny_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
-    """The tiny MoE + 3-MTP model (2 kv heads so TP=2 divides them), 6 steps of 8 samples."""
-    return ["recipe=pretrain", "model=tiny", "model.num_key_value_heads=2", "train.steps=6", "train.global_batch=8",
+def tiny_args(data: Path, run_dir: Path, *extra: str, init: Path | None = None) -> list[str]:
+    """The tiny MoE + 3-MTP model (2 kv heads so TP=2 divides them), 6 steps of 8 samples,
+    starting from the weights saved in `init` when given."""
+    start = [f"checkpoint.load={init}"] if init else []
+    return [*start, "recipe=pretrain", "model=tiny", "model.num_key_value_heads=2", "train.steps=6", "train.global_batch=8",
             "train.micro_batch=2", "optim.warmup_steps=1", "data.seq_len=64", f"data.path={data}/train.jsonl",
             f"data.tokenizer={data}/tokenizer", f"logging.run_dir={run_dir}", "logging.progress=false",
             "logging.plot=false", *extra]

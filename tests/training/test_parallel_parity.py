@@ -20,11 +20,11 @@ def close(a: float, b: float, rel: float = 1e-5) -> bool:
 
 
 @pytest.fixture(scope="module")
-def layout_runs(synthetic_data, tmp_path_factory):
+def layout_runs(synthetic_data, initial_weights, tmp_path_factory):
     runs = {}
     for name, (world, overrides) in LAYOUTS.items():
         run_dir = tmp_path_factory.mktemp(name)
-        train(tiny_args(synthetic_data, run_dir, "train.stop_at=3", *overrides), nproc=world)
+        train(tiny_args(synthetic_data, run_dir, "train.stop_at=3", *overrides, init=initial_weights), nproc=world)
         runs[name] = run_dir
     return runs
 
@@ -38,11 +38,11 @@ def test_layout_matches_one_process(name, layout_runs, reference_run):
             assert close(ours[step][key], ref[step][key]), (name, step, key, ours[step][key], ref[step][key])
 
 
-def test_resume_under_another_data_parallel_size(layout_runs, reference_run, synthetic_data):
+def test_resume_under_another_data_parallel_size(layout_runs, reference_run, synthetic_data, initial_weights):
     """The DP=2 run's step-3 checkpoint (distributed optimizer, fully reshardable) continues
     in one process and follows the one-process run."""
     dp2 = layout_runs["dp2"]
-    out = train(tiny_args(synthetic_data, dp2))
+    out = train(tiny_args(synthetic_data, dp2, init=initial_weights))
     assert "resumed from" in out and "iter_0000003" in out
     ours, ref = metrics(dp2), metrics(reference_run)
     for step in (4, 5, 6):

@@ -7,8 +7,8 @@ import time
 from tests.training.runs import LOSSES, ROOT, launch, metrics, tiny_args, train
 
 
-def test_kill_9_mid_run_then_resume_is_bit_exact(synthetic_data, reference_run, tmp_path):
-    args = tiny_args(synthetic_data, tmp_path, "checkpoint.every=1")
+def test_kill_9_mid_run_then_resume_is_bit_exact(synthetic_data, initial_weights, reference_run, tmp_path):
+    args = tiny_args(synthetic_data, tmp_path, "checkpoint.every=1", init=initial_weights)
     proc = launch(args, wait=False)
     deadline = time.time() + 300
     while time.time() < deadline:  # kill once step 4 is logged: its checkpoint may or may not exist
@@ -27,8 +27,8 @@ def test_kill_9_mid_run_then_resume_is_bit_exact(synthetic_data, reference_run, 
             assert ours[step][key] == ref[step][key], (step, key)
 
 
-def test_kill_during_a_save_leaves_the_previous_checkpoint(synthetic_data, reference_run, tmp_path):
-    args = tiny_args(synthetic_data, tmp_path, "checkpoint.every=1")
+def test_kill_during_a_save_leaves_the_previous_checkpoint(synthetic_data, initial_weights, reference_run, tmp_path):
+    args = tiny_args(synthetic_data, tmp_path, "checkpoint.every=1", init=initial_weights)
     os.environ["DIE_AT_SAVE"] = "3"  # dies inside the step-3 save
     try:
         code, out = launch(args, script=ROOT / "tests" / "training" / "die_during_save.py")
