@@ -7,11 +7,29 @@ Keys with position < 0 are empty cache slots and never seen.
 
 Sinks (one logit s_h per head) join the softmax denominator and carry no value:
 p_ij = exp(a_ij - m) / (exp(s_h - m) + sum_j exp(a_ij - m)),  m = max(max_j a_ij, s_h).
+A query that sees no key and has no sink (a padding row) gets out 0 and lse -inf.
+
+`attention` is the one entry point for training and the rollout engine. It runs the Triton
+kernels on CUDA tensors and the reference elsewhere; `backend="triton"` (or the environment
+variable MIMO_ATTENTION_BACKEND=triton) forces the kernels, which on CPU tensors needs
+TRITON_INTERPRET=1 set before they are first imported (triton fixes that at decoration).
+Among the kernels: a differentiable call goes to the training kernel (kernels/triton_attention.py);
+a short query without grad (decode, verification of K drafts) to the cache kernel
+(kernels/triton_decode.py); a long query without grad (prefill) to the training forward.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+BACKENDS = ("auto", "reference", "triton")
+# Queries up to this length go to the decode kernel (K+1 verification tokens with K <= 15), as
+# long as one program can hold the query rows sharing a kv head (GQA group x tokens): 64 rows
+# is the global layer's 16 heads x 4 tokens, the most that compiles without spills at dk 192.
+DECODE_MAX_QUERY = 16
+DECODE_MAX_ROWS = 64
 
 
 def attention_reference(
@@ -51,13 +69,60 @@ def attention_reference(
         sink = sinks.float().view(1, num_heads, 1, 1).expand(b, num_heads, sq, 1)
         scores = torch.cat([scores, sink], dim=-1)
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse[..., None])
+    # Rows with no visible key and no sink: exp(-inf - 0) = 0 instead of NaN.
+    probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
     if sinks is not None:
         probs = probs[..., :-1]
     out = torch.einsum("bhqk,bkhd->bqhd", probs, v.float())
     return out.to(v.dtype), lse
 
 
-def attention(q, k, v, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatcher: the reference on every device until a fused kernel is registered here."""
-    return attention_reference(q, k, v, **kwargs)
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    sinks: torch.Tensor | None = None,
+    window: int | None = None,
+    q_seg: torch.Tensor | None = None,
+    k_seg: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatcher with the contract of `attention_reference` (same arguments, same outputs).
+
+    backend: "auto" (default: Triton on CUDA, the reference elsewhere), "reference" or
+    "triton"; None reads MIMO_ATTENTION_BACKEND, then falls back to "auto".
+    """
+    kwargs = dict(scale=scale, q_pos=q_pos, k_pos=k_pos, sinks=sinks, window=window, q_seg=q_seg, k_seg=k_seg)
+    backend = backend or os.environ.get("MIMO_ATTENTION_BACKEND") or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if q.is_cuda else "reference"
+    if backend == "reference":
+        return attention_reference(q, k, v, **kwargs)
+
+    from mimo_train.kernels import triton_attention, triton_decode
+
+    if not q.is_cuda and not is_interpreted():
+        raise RuntimeError("the Triton attention kernels got CPU tensors but were compiled for a GPU; "
+                           "set TRITON_INTERPRET=1 before mimo_train.kernels.triton_attention is imported")
+    if q.shape[1] == 0 or k.shape[1] == 0:  # nothing for a kernel to do; the reference handles it
+        return attention_reference(q, k, v, **kwargs)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, sinks))
+    rows = q.shape[1] * (q.shape[2] // k.shape[2])
+    if not needs_grad and q.shape[1] <= DECODE_MAX_QUERY and rows <= DECODE_MAX_ROWS:
+        return triton_decode.decode_attention(q, k, v, **kwargs)
+    return triton_attention.flash_attention(q, k, v, **kwargs)
+
+
+def is_interpreted() -> bool:
+    """Whether the Triton kernels were built for the interpreter (TRITON_INTERPRET=1 at import)."""
+    from mimo_train.kernels import triton_attention, triton_decode
+
+    return all(type(kernel).__name__ == "InterpretedFunction"
+               for kernel in (triton_attention._fwd_kernel, triton_decode._split_kernel))
