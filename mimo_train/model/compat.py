@@ -30,6 +30,12 @@ What the patches do:
 AdamW (no Apex/TE), the distributed optimizer's fully-reshardable checkpoint load copies every
 optimizer-state key, including Adam's `step`, which the checkpoint keeps elsewhere (KeyError).
 
+`single_process_checkpoint_queue()` is also applied on any machine: megatron's checkpoint
+writer collects results through a queue served by a spawn-context `Manager` process, which
+outlives a training process killed with SIGKILL (and keeps its stdout open). Our saves are
+synchronous (the queue is filled and read in the training process), so a plain in-process
+queue serves the same purpose.
+
 `placement("meta")` is separate and temporary: it points the same device calls at another
 device for the duration of a build (parameter counts of the 309B preset on the meta device).
 """
@@ -207,6 +213,15 @@ def fix_torch_adam_checkpoint() -> None:
 
     set_states._mimo_fixed = True
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
+def single_process_checkpoint_queue() -> None:
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 @contextlib.contextmanager

@@ -127,6 +127,7 @@ def save(checkpoint_dir: Path, step: int, model_chunks, optimizer, state: dict, 
     final = checkpoint_dir / f"iter_{step:07d}"
     tmp = checkpoint_dir / f"iter_{step:07d}.tmp"
     rank = dist.get_rank()
+    compat.single_process_checkpoint_queue()
     if (final / STATE_FILE).exists():
         return final  # this step is already saved, completely; never rewrite a good checkpoint
     if rank == 0:
@@ -175,6 +176,8 @@ def load(path: Path, model_chunks, optimizer, *, load_optimizer: bool = True, lo
     if load_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_steps(optimizer)
+    else:  # bf16 runs keep fp32 master copies of the weights: refresh them from the loaded ones
+        optimizer.reload_model_params()
     rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
     if load_rng and rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))

@@ -179,5 +179,7 @@ def load_config(argv: list[str]) -> RunConfig:
     except (HydraException, OmegaConfBaseException) as err:
         first = str(err).strip().splitlines()[0]
         raise ConfigError(f"config error: {first}") from None
+    except ValueError as err:  # a dataclass refusing its values while being built
+        raise ConfigError(str(err).strip().splitlines()[0]) from None
     config.validate()
     return config
