@@ -11,7 +11,8 @@ LAYOUTS = {  # name: (world size, overrides)
     "ep2": (2, ["parallel.ep=2"]),
     "dp2": (2, []),
     "tp2_ep2_dp2": (4, ["parallel.tp=2", "parallel.ep=2"]),
-    "tp2_pp2_vpp3": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.vpp=3"]),
+    # interleaved 1F1B is supported with exactly pp micro-batches per step (see layout.py)
+    "tp2_pp2_vpp3": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.vpp=3", "train.micro_batch=4"]),
 }
 
 
