@@ -58,7 +58,7 @@ def megatron_options(config: RunConfig, layout: Layout) -> MegatronOptions:
 
 def depth_weights(config: RunConfig) -> list[float]:
     k = config.model.num_nextn_predict_layers
-    return [1.0] + [config.train.mtp_weight / k] * k
+    return [1.0] + [config.train.mtp_weight / k] * k if k else [1.0]
 
 
 def packed_params(mb: dict) -> PackedSeqParams:
