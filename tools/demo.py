@@ -1,6 +1,6 @@
 """The demo: synthetic verifiable tasks -> pretrain the `small` model with MTP -> results table.
 
-    make demo        (or: python tools/demo.py [steps=300] [out=runs/demo])
+    make demo        (or: python tools/demo.py [steps=60] [out=runs/demo])
 
 Everything is made here (data from the task generators, a character tokenizer), so nothing
 is downloaded. The run is the pretrain recipe, exactly as `mimo_train/run.py` runs it, so its
@@ -29,17 +29,19 @@ def _make_data():
 
 def main(argv: list[str]) -> list[dict]:
     args = dict(a.split("=", 1) for a in argv)
-    steps = int(args.get("steps", 300))
+    steps = int(args.get("steps", 60))
     out = Path(args.get("out", "runs/demo"))
     from rich.console import Console
     from rich.table import Table
 
     from mimo_train.model.config import ModelConfig
     from mimo_train.model.params import count_parameters
+    from mimo_train.parallel.setup import init_distributed
     from mimo_train.run import main as run
     from mimo_train.training.tracking import read_metrics
 
     console = Console()
+    init_distributed(seed=0)  # a one-process group: the parameter count builds the model
     cfg = ModelConfig.preset("small")
     counts = count_parameters(cfg)
     console.print(f"[bold]small[/] model: {counts['total']:,} parameters, {counts['active_per_token']:,} active "
@@ -54,10 +56,10 @@ def main(argv: list[str]) -> list[dict]:
         console.print(f"data: {summary['train_rows']} rows of {', '.join(summary['domains'])} in {data}")
     run_dir = out / "pretrain"
     start = time.time()
-    code = run(["recipe=pretrain", "model=small", f"train.steps={steps}", "train.global_batch=16",
+    code = run(["recipe=pretrain", "model=small", f"train.steps={steps}", "train.global_batch=8",
                 "train.micro_batch=4", "data.seq_len=128", f"data.path={data}/train.jsonl",
-                f"data.tokenizer={data}/tokenizer", f"logging.run_dir={run_dir}", "checkpoint.every=100",
-                "optim.warmup_steps=20"])
+                f"data.tokenizer={data}/tokenizer", f"logging.run_dir={run_dir}", "checkpoint.every=50",
+                f"optim.warmup_steps={min(10, steps - 1)}"])
     if code:
         raise SystemExit(code)
 
