@@ -1,0 +1,170 @@
+"""The device side of the engine: per-slot state and the three passes of an iteration.
+
+`prefill` runs fresh requests' prompts and samples their first token, `decode` drafts K tokens
+with the MTP chain, verifies them in one main-model forward and advances every active row. No
+host synchronisation inside: the engine reads the results once per iteration.
+
+Drafting with distinct MTP layers. Layer k at position t reads the token at t+k+1, so with the
+last kept token at position L, layer k's cache entries at positions > L-k-1 were computed from
+drafts that may since have been rejected. Each iteration therefore reruns every drafting layer
+over the same block of the last T = 2K positions [L-T, L-1], which covers both those stale
+entries and the up to K+1 positions verified since; the main model's final hidden states and
+the tokens of that window are kept per row (`hist_h`, `hist_tok`). The chain then runs exactly
+the training-time computation of each MTP layer, so acceptance matches the trained accuracy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mimo_train.kernels.sampling import sample, speculative_verify
+from mimo_train.model.config import ModelConfig
+from mimo_train.rollout.model import InferenceModel
+from mimo_train.rollout.rng import uniforms
+
+
+class SlotState:
+    """Tensors with one row per engine slot; rows [0, n) are the active requests."""
+
+    def __init__(self, cfg: ModelConfig, model: InferenceModel, max_batch: int, *, compile: bool = False):
+        self.cfg, self.model, self.cache = cfg, model, model.cache
+        self.max_batch, self.compile = max_batch, compile
+        dev, dtype, Km = model.w.embed.device, model.w.embed.dtype, cfg.num_nextn_predict_layers
+        self.device, self.dtype, self.max_depth = dev, dtype, Km
+        self.T = 2 * Km  # positions the MTP chain reruns per iteration (at the deepest K)
+        self.length = torch.zeros(max_batch, dtype=torch.long, device=dev)  # tokens so far, incl. the last sampled
+        self.keys = torch.zeros(max_batch, dtype=torch.long, device=dev)  # per-request random streams
+        self.counters = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self.temperature = torch.zeros(max_batch, dtype=torch.float32, device=dev)
+        self.top_k = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self.top_p = torch.ones(max_batch, dtype=torch.float32, device=dev)
+        self.hist_h = torch.zeros(max_batch, self.T, cfg.hidden_size, dtype=dtype, device=dev)  # h_0 at [L-T, L-1]
+        self.hist_tok = torch.zeros(max_batch, self.T + 1 + Km, dtype=torch.long, device=dev)  # tokens [L-T, L+Km]
+        self.routed: torch.Tensor | None = None  # [B, positions, MoE layers, k], made on first use
+        self._verify, self._sample = speculative_verify, sample
+        if compile:
+            self._verify = torch.compile(speculative_verify, dynamic=True)
+            self._sample = torch.compile(sample, dynamic=True)
+
+    def track_routing(self) -> None:
+        if self.routed is None:
+            dtype = torch.int16 if self.cfg.n_routed_experts < 2 ** 15 else torch.int32
+            self.routed = torch.zeros(self.max_batch, self.cache.max_len + 1, len(self.model.moe_layers),
+                                      self.cfg.num_experts_per_tok, dtype=dtype, device=self.device)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.length, self.keys, self.counters, self.temperature, self.top_k, self.top_p, self.hist_h,
+                self.hist_tok] + ([self.routed] if self.routed is not None else [])
+
+    def move_row(self, src: int, dst: int) -> None:
+        self.cache.move_row(src, dst)
+        for t in self.tensors():
+            t[dst].copy_(t[src])
+
+    # ---- prefill -------------------------------------------------------------------------
+    def prefill(self, n0: int, prompts: list[list[int]], params, keys: list[int], greedy: bool, use_top_k: bool,
+                use_top_p: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fresh requests into rows [n0, n0 + m): prefill the main model over the prompts,
+        sample the first token (returned with its log-prob, [m] each), prefill the MTP caches."""
+        m, dev, T, Km = len(prompts), self.device, self.T, self.max_depth
+        rows = slice(n0, n0 + m)
+        lens = torch.tensor([len(p) for p in prompts], device=dev)
+        width = max(max(map(len, prompts)), T)
+        pos = torch.arange(width, device=dev) - (width - lens)[:, None]  # right-aligned, < 0 = padding
+        tokens = torch.zeros(m, width, dtype=torch.long, device=dev)
+        for i, p in enumerate(prompts):
+            tokens[i, width - len(p):] = torch.tensor(p, device=dev)
+        self.temperature[rows] = torch.tensor([p.temperature for p in params], dtype=torch.float32)
+        self.top_k[rows] = torch.tensor([p.top_k for p in params])
+        self.top_p[rows] = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+        self.keys[rows] = torch.tensor(keys)
+        self.counters[rows] = 0
+        self.cache.reset_rows(rows)
+        s = self.model.slots(rows, pos, prefill=True)
+        routed = [] if self.routed is not None else None
+        h = self.model.forward(tokens, s, routed)
+        u = uniforms(self.keys[rows], self.counters[rows], 2 * Km + 1)
+        self.counters[rows] += 1
+        _, first, logprobs = speculative_verify(
+            self.model.logits(h[:, -1:]), tokens[:, :0], None, self.temperature[rows],
+            self.top_k[rows] if use_top_k else None, self.top_p[rows] if use_top_p else None, u[:, Km:Km + 1],
+            greedy=greedy)
+        self.length[rows] = lens + 1
+        seq = torch.cat([tokens, first[:, :1], torch.zeros(m, Km, dtype=torch.long, device=dev)], dim=1)
+        self.hist_tok[rows, :T + 1] = seq[:, width - T:width + 1]
+        if Km:
+            self.hist_h[rows] = h[:, width - T:]
+            # MTP caches over the prompt; the entries that depend on drafts (zeros here) are
+            # recomputed by the first draft chain, which covers the last 2K positions.
+            sm = self.model.slots(rows, pos, prefill=True, mtp=True)
+            for k in range(Km):
+                h = self.model.mtp_layer(k, h, seq[:, k + 1:k + 1 + width], sm)
+        if routed is not None:
+            idx = torch.where(pos >= 0, pos, self.cache.max_len)
+            self.routed[rows][torch.arange(m, device=dev)[:, None], idx] = torch.stack(routed, 2).to(self.routed.dtype)
+        return first[:, 0], logprobs[:, 0]
+
+    # ---- decode --------------------------------------------------------------------------
+    def decode(self, n: int, K: int, bound: int, greedy: bool, use_top_k: bool, use_top_p: bool):
+        """Draft K tokens for rows [0, n), verify them, advance the rows. Returns n_accepted
+        [n], tokens [n, K+1] and log-probs [n, K+1] as `speculative_verify` defines them."""
+        Km, T, dev = self.max_depth, self.T, self.device
+        if self.compile and n == 1 and self.max_batch > 1:
+            # Compiled graphs specialise on size 1: run a free slot alongside (at position 0,
+            # its results are dropped) so that batch 1 reuses the graph of every other size.
+            self.length[1] = 1
+            n_acc, out, logprobs = self.decode(2, K, bound, greedy, use_top_k, use_top_p)
+            return n_acc[:1], out[:1], logprobs[:1]
+        u = uniforms(self.keys[:n], self.counters[:n], 2 * Km + 1)
+        self.counters[:n] += 1
+        temp = self.temperature[:n]
+        top_k = self.top_k[:n] if use_top_k else None
+        top_p = self.top_p[:n] if use_top_p else None
+        drafts, draft_probs = self.hist_tok[:n, :0], None
+        if K:
+            drafts, draft_probs = self._draft(n, K, u[:, :K], temp, top_k, top_p, greedy)
+
+        # Verify [last token, drafts] at positions L..L+K.
+        pos = (self.length[:n] - 1)[:, None] + torch.arange(K + 1, device=dev)
+        s = self.model.slots(slice(0, n), pos, prefill=False, bound=bound)
+        routed = [] if self.routed is not None else None
+        h = self.model.forward(self.hist_tok[:n, T:T + K + 1], s, routed)
+        n_acc, out, logprobs = self._verify(self.model.logits(h), drafts, draft_probs, temp, top_k, top_p,
+                                            u[:, Km:Km + K + 1], greedy=greedy)
+
+        # Keep the window of the last T positions (hidden) / T+1 tokens, shifted by n_acc + 1.
+        shift = (n_acc + 1)[:, None]
+        if Km:
+            window = shift + torch.arange(T, device=dev)
+            hist = torch.cat([self.hist_h[:n], h.to(self.dtype)], dim=1)
+            self.hist_h[:n] = hist.gather(1, window[..., None].expand(-1, -1, hist.shape[-1]))
+        toks = torch.cat([self.hist_tok[:n, :T + 1], out.clamp(min=0)], dim=1)
+        self.hist_tok[:n, :T + 1] = toks.gather(1, shift + torch.arange(T + 1, device=dev))
+        self.length[:n] += n_acc + 1
+        self.cache.rollback(n, self.length[:n] - 2)  # the new last token has no KV yet
+        if routed is not None:
+            rows = torch.arange(n, device=dev)[:, None]
+            self.routed[rows, pos] = torch.stack(routed, dim=2).to(self.routed.dtype)
+        return n_acc, out, logprobs
+
+    def _draft(self, n: int, K: int, u: torch.Tensor, temp, top_k, top_p, greedy: bool):
+        """Run MTP layers 0..K-1 over positions [L-2K, L-1]; returns drafts [n, K] and the
+        distributions they were drawn from [n, K, V] (None when greedy)."""
+        T, Tm = 2 * K, self.T
+        pos = (self.length[:n] - 1 - T)[:, None] + torch.arange(T, device=self.device)
+        s = self.model.slots(slice(0, n), pos, prefill=False, mtp=True)
+        tok = self.hist_tok[:n, Tm - T:]  # tok[:, T] is the last kept token
+        # A copy made here is an inference tensor like every later h: one compiled graph for all layers.
+        h = self.hist_h[:n, Tm - T:].clone()
+        drafts, probs = [], []
+        for k in range(K):
+            h = self.model.mtp_layer(k, h, tok[:, k + 1:k + 1 + T], s)
+            logits = self.model.logits(h[:, -1])
+            if greedy:
+                d = logits.argmax(-1)
+            else:
+                d, q = self._sample(logits, temp, top_k, top_p, u[:, k])
+                probs.append(q)
+            tok[:, T + 1 + k] = d  # layer k+1 reads it at its last position
+            drafts.append(d)
+        return torch.stack(drafts, 1), (torch.stack(probs, 1) if probs else None)

@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+from tests.rollout.rollout_utils import make_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Decoding a tiny model is a stream of small ops: one thread avoids OpenMP spin-waits that
+    make a busy 2-core machine ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def parity_model(tmp_path_factory):
+    """Random weights (greedy outputs vary: a 128-token vocabulary), a window of 5, 3 MTP
+    layers drafting "repeat the last token" (accepted now and then)."""
+    return make_model(tmp_path_factory.mktemp("parity"), seed=2, repeat_drafts=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A 6-token vocabulary: sampled distributions can be enumerated exactly."""
+    return make_model(tmp_path_factory.mktemp("tiny"), seed=2, vocab=6)

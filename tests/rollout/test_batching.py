@@ -1,0 +1,101 @@
+"""Continuous batching, samples per prompt, seeds, stop tokens, routed experts, the depth table
+and the metrics of a call."""
+
+import pytest
+import torch
+
+from mimo_train.rollout import Engine, EngineConfig, SamplingParams, depth
+from tests.rollout.rollout_utils import random_prompts
+
+
+@pytest.fixture(scope="module")
+def engine(parity_model):
+    return Engine.from_pretrained(parity_model.path, EngineConfig(device="cpu", max_batch=3, max_len=128))
+
+
+def test_finished_requests_free_their_slots(engine, parity_model):
+    """7 requests of different lengths through 3 slots: each gets exactly what it gets alone."""
+    prompts = random_prompts(parity_model.cfg, [4, 11, 7, 15, 5, 9, 12], seed=6)
+    params = [SamplingParams(temperature=0.0, max_new_tokens=n) for n in (5, 30, 12, 3, 25, 8, 17)]
+    completions, metrics = engine.generate(prompts, params, depth=2)
+    alone = [engine.generate([p], sp, depth=2)[0][0].tokens for p, sp in zip(prompts, params)]
+    assert [c.tokens for c in completions] == alone
+    assert [len(c.tokens) for c in completions] == [sp.max_new_tokens for sp in params]
+    assert 0.5 < metrics.occupancy <= 1.0
+    assert metrics.tokens == sum(sp.max_new_tokens for sp in params)
+    assert 1.0 <= metrics.mean_accept_length <= 3.0 and len(metrics.acceptance_per_position) == 2
+    assert metrics.tokens_per_s > 0 and metrics.steps > 0 and metrics.prefill_tokens == sum(map(len, prompts))
+
+
+def test_seeded_samples_do_not_depend_on_the_batch(parity_model):
+    """Per-request random streams: the same call gives the same samples however many slots run
+    at once (so whatever shares a batch with a request)."""
+    prompts = random_prompts(parity_model.cfg, [6, 9], seed=7)
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=20, n=3, seed=2024)
+    outs = []
+    for slots in (1, 6):
+        engine = Engine(parity_model.cfg, parity_model.weights, EngineConfig(device="cpu", max_batch=slots, max_len=64))
+        completions, _ = engine.generate(prompts, params, depth=1)
+        outs.append([(c.prompt_index, c.sample_index, c.tokens) for c in completions])
+    assert outs[0] == outs[1]
+    assert [(p, s) for p, s, _ in outs[0]] == [(p, s) for p in range(2) for s in range(3)]
+    assert len({tuple(t) for _, _, t in outs[0]}) == 6  # the samples differ
+
+
+def test_stop_tokens_end_a_request(engine, parity_model):
+    prompt = random_prompts(parity_model.cfg, [8], seed=8)[0]
+    (free,), _ = engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=40), depth=3)
+    stop = free.tokens[10]
+    (c,), _ = engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=40, stop_token_ids=(stop,)),
+                              depth=3)
+    cut = free.tokens.index(stop) + 1
+    assert c.finish_reason == "stop" and c.tokens == free.tokens[:cut] and c.logprobs == free.logprobs[:cut]
+
+
+def test_routed_experts_match_transformers_router(engine, parity_model):
+    """The experts recorded per token and MoE layer are the ones transformers' router picks in a
+    full forward over prompt + completion (the routing replay data)."""
+    prompt = random_prompts(parity_model.cfg, [9], seed=9)[0]
+    (c,), _ = engine.generate([prompt], SamplingParams(temperature=1.0, max_new_tokens=20, seed=1,
+                                                       return_routed_experts=True), depth=3)
+    cfg = parity_model.cfg
+    moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe(i)]
+    assert c.routed_experts.shape == (len(prompt) + len(c.tokens) - 1, len(moe_layers), cfg.num_experts_per_tok)
+    chosen = []
+    hooks = [parity_model.hf.model.layers[i].mlp.gate.register_forward_hook(lambda m, a, out: chosen.append(out[2]))
+             for i in moe_layers]
+    with torch.no_grad():
+        parity_model.hf(torch.tensor([prompt + c.tokens[:-1]]))
+    for h in hooks:
+        h.remove()
+    expected = torch.stack(chosen, dim=1).sort(-1).values
+    assert torch.equal(c.routed_experts.sort(-1).values, expected)
+
+
+def test_depth_follows_the_table(parity_model):
+    engine = Engine(parity_model.cfg, parity_model.weights,
+                    EngineConfig(device="cpu", max_batch=4, max_len=64, depth_table={1: 3, 2: 2, 4: 0}))
+    assert [engine.depth_for(b) for b in (1, 2, 3, 4, 9)] == [3, 2, 0, 0, 0]
+    prompts = random_prompts(parity_model.cfg, [5, 5, 5], seed=10)
+    params = [SamplingParams(temperature=0.0, max_new_tokens=n) for n in (4, 8, 30)]
+    _, metrics = engine.generate(prompts, params)
+    assert set(metrics.depth_steps) == {0, 2, 3}  # three, then two, then one request left
+    with pytest.raises(ValueError, match="depth_table"):
+        Engine(parity_model.cfg, parity_model.weights, EngineConfig(device="cpu", depth_table={1: 4}))
+
+
+def test_depth_table_measured_at_start_up(parity_model, monkeypatch):
+    """Measured on this machine at start-up, the engine left idle and serving; the choice
+    weighs each step's cost with the tokens it yields, so deep drafts win at small batches
+    and lose at large ones."""
+    engine = Engine(parity_model.cfg, parity_model.weights,
+                    EngineConfig(device="cpu", max_batch=2, max_len=64, measure_depth_table=True))
+    assert set(engine.depth_table) == {1, 2} and all(0 <= k <= 3 for k in engine.depth_table.values())
+    assert engine.n == 0 and not engine.waiting
+    completions, _ = engine.generate(random_prompts(parity_model.cfg, [5], seed=1), SamplingParams(max_new_tokens=4))
+    assert len(completions[0].tokens) == 4
+
+    # Step costs of a memory-bound small batch and a compute-bound large one.
+    monkeypatch.setattr(depth, "measure_step_seconds", lambda engine, batch, k, steps: 1 + 0.1 * k * batch)
+    engine.config.max_batch = 16
+    assert depth.measure_depth_table(engine, (1, 4, 16), acceptance=0.7) == {1: 3, 4: 2, 16: 0}

@@ -1,0 +1,219 @@
+"""Benchmark the rollout engine against transformers' `generate` on one model, in one run.
+
+    python tools/bench_rollout.py --model DIR [--new-tokens 96] [--compile] [--threads 1]
+    python tools/bench_rollout.py --train-demo DIR [--steps 400]
+
+Prints one JSON object: tokens/s of transformers' MiMoV2FlashForCausalLM.generate (same
+weights), of our engine at K = 0 (plain decoding) and K = 1..3 (MTP drafts), at batch 1 and
+16, with accept lengths and the ratios, all from interleaved rounds of one process (medians,
+so a busy machine biases every configuration alike). Greedy outputs are checked to be
+identical across every configuration.
+
+Prompts: DIR/bench_prompts.json if present (a list of token-id lists, written by
+--train-demo), else random tokens. `--train-demo DIR` trains the `small` preset (main model
+and its 3 MTP layers, the training stack of tools/demo.py) on a periodic copy task -- a random
+block of 16 tokens repeated -- and exports it in the serving format, with prompts of the same
+task, so that the MTP layers have something to predict; run again on the same DIR to train on
+(with --replicate-mtp: MTP layers 1.. restart as copies of layer 0, as MiMo's post-training does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+PERIOD, SEQ, SYMBOLS = 16, 96, 16
+
+
+def periodic_batch(batch: int, gen: torch.Generator) -> torch.Tensor:
+    """[batch, SEQ] token ids: a random block of PERIOD tokens from [3, 3 + SYMBOLS), repeated
+    (a few symbols, as tools/demo.py's copy task, so that a few hundred CPU steps learn it)."""
+    block = torch.randint(3, 3 + SYMBOLS, (batch, PERIOD), generator=gen)
+    return block.repeat(1, SEQ // PERIOD)
+
+
+def train_demo(out: Path, steps: int, mtp_weight: float, replicate_mtp: bool) -> None:
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from mimo_train.model.config import ModelConfig
+    from mimo_train.model.gpt import build_model
+    from mimo_train.model.hf_mapping import to_hf
+    from mimo_train.parallel.setup import init_distributed
+    from mimo_train.training.loss import lm_loss
+
+    init_distributed(seed=0)
+    if (out / "config.json").exists():  # continue training an earlier run
+        from mimo_train.model.load import load_hf
+
+        handle = load_hf(out, device="cpu")
+        cfg, model = handle.config, handle.model.train()
+    else:
+        cfg = ModelConfig.preset("small")
+        model = build_model(cfg)
+    if replicate_mtp:  # MiMo's post-training step: every MTP layer starts as a copy of layer 0
+        with torch.no_grad():
+            state = model.state_dict()
+            for name, t in state.items():
+                if name.startswith("mtp.layers.0.") and isinstance(t, torch.Tensor):
+                    for k in range(1, cfg.num_nextn_predict_layers):
+                        state[name.replace("mtp.layers.0.", f"mtp.layers.{k}.", 1)].copy_(t)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.1, 1 - s / steps))
+    gen = torch.Generator().manual_seed(0)
+    for _ in (bar := tqdm(range(steps), desc="train small on the periodic copy task")):
+        ids = periodic_batch(16, gen)
+        labels = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
+        mask = torch.zeros_like(ids, dtype=torch.float32)
+        mask[:, PERIOD - 1:-1] = 1  # the targets that can be predicted: from the second block on
+        loss, metrics = lm_loss(model(ids, labels=labels, loss_mask=mask), mtp_weight=mtp_weight)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix({k.split("/")[1]: f"{v:.2f}" for k, v in metrics.items() if k.startswith("acc/")})
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out)
+    state = {k: v.detach().contiguous() for k, v in to_hf(model.state_dict(), cfg).items()}
+    save_file(state, str(out / "model.safetensors"))
+    prompts = periodic_batch(16, torch.Generator().manual_seed(1234))[:, :2 * PERIOD]
+    (out / "bench_prompts.json").write_text(json.dumps(prompts.tolist()))
+    print(json.dumps({"trained": str(out), "steps": steps, "final": metrics}))
+
+
+def load_prompts(model_dir: Path, vocab: int, count: int, length: int) -> list[list[int]]:
+    path = model_dir / "bench_prompts.json"
+    if path.exists():
+        prompts = json.loads(path.read_text())
+    else:
+        prompts = torch.randint(3, vocab, (count, length), generator=torch.Generator().manual_seed(0)).tolist()
+    return (prompts * ((count + len(prompts) - 1) // len(prompts)))[:count]
+
+
+def bench(args) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from mimo_train.rollout import Engine, EngineConfig, SamplingParams
+
+    model_dir = Path(args.model)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32).eval()
+    batches = [int(b) for b in args.batches.split(",")]
+    depths = [int(k) for k in args.depths.split(",")]
+    prompts = load_prompts(model_dir, hf.config.vocab_size, max(batches), args.prompt_len)
+    start = time.perf_counter()
+    engine = Engine.from_pretrained(model_dir, EngineConfig(max_batch=max(batches), max_len=args.max_len,
+                                                            compile=args.compile))
+    depths = [k for k in depths if k <= engine.max_depth]
+    params = SamplingParams(temperature=args.temperature, max_new_tokens=args.new_tokens, ignore_eos=True, seed=0)
+
+    def groups(batch: int) -> list[list[list[int]]]:
+        # Batch 1: the first few prompts one after another; batch b: b prompts in one call.
+        return [[p] for p in prompts[:args.batch1_prompts]] if batch == 1 else [prompts[:batch]]
+
+    def run_hf(batch: int):
+        texts, seconds = [], 0.0
+        for group in groups(batch):
+            ids = torch.tensor(group)
+            t = time.perf_counter()
+            with torch.no_grad():
+                out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                                  min_new_tokens=args.new_tokens, do_sample=args.temperature > 0,
+                                  temperature=args.temperature or None, top_k=None, top_p=None, pad_token_id=0)
+            seconds += time.perf_counter() - t
+            texts += out[:, ids.shape[1]:].tolist()
+        return texts, seconds, []
+
+    def run_ours(batch: int, depth: int):
+        texts, seconds, metrics = [], 0.0, []
+        for group in groups(batch):
+            completions, m = engine.generate(group, params, depth=depth)
+            texts += [c.tokens for c in completions]
+            seconds += m.seconds
+            metrics.append(m)
+        return texts, seconds, metrics
+
+    configs = [(b, "hf_generate", None) for b in batches] + [(b, f"ours_k{k}", k) for b in batches for k in depths]
+    # Warm-up (and torch.compile) before any timing.
+    for b, name, k in configs:
+        if name != "hf_generate":
+            engine.generate(prompts[:b], SamplingParams(temperature=args.temperature, max_new_tokens=8, seed=0),
+                            depth=k)
+    warmup_s = time.perf_counter() - start
+    speeds, outputs, accept = {}, {}, {}
+    for _ in range(args.rounds):
+        for b, name, k in configs:
+            texts, seconds, metrics = run_hf(b) if name == "hf_generate" else run_ours(b, k)
+            speeds.setdefault((b, name), []).append(sum(map(len, texts)) / seconds)
+            outputs.setdefault((b, name), texts)
+            accept.setdefault((b, name), []).extend(metrics)
+    result = {"model": str(model_dir), "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
+              "threads": torch.get_num_threads(), "compile": args.compile, "temperature": args.temperature,
+              "prompt_len": len(prompts[0]), "new_tokens": args.new_tokens, "rounds": args.rounds,
+              "batch1_prompts": args.batch1_prompts, "warmup_and_compile_s": round(warmup_s, 1), "batches": {}}
+    for b in batches:
+        entry = {}
+        for (bb, name), v in speeds.items():
+            if bb != b:
+                continue
+            e = {"tokens_per_s": round(statistics.median(v), 2), "rounds": [round(x, 2) for x in v]}
+            ms = accept[(b, name)]
+            if ms:  # per verify step: tokens kept per row, and how often draft j was accepted
+                row_steps = [m.row_steps for m in ms]
+                e["mean_accept_length"] = round(sum(m.mean_accept_length * r for m, r in zip(ms, row_steps))
+                                                / sum(row_steps), 3)
+                e["acceptance_per_position"] = [round(sum(m.acceptance_per_position[j] * r for m, r in
+                                                          zip(ms, row_steps)) / sum(row_steps), 3)
+                                                for j in range(len(ms[0].acceptance_per_position))]
+            entry[name] = e
+        base = entry["hf_generate"]["tokens_per_s"]
+        k0 = entry.get("ours_k0", {}).get("tokens_per_s")
+        entry["ratios"] = {f"{name}_over_hf": round(e["tokens_per_s"] / base, 2) for name, e in entry.items()
+                           if name.startswith("ours")}
+        if k0:
+            entry["ratios"].update({f"{name}_over_k0": round(e["tokens_per_s"] / k0, 2) for name, e in entry.items()
+                                    if name.startswith("ours_k") and name != "ours_k0"})
+        if args.temperature == 0:
+            ref = outputs[(b, "hf_generate")]
+            entry["greedy_outputs_equal_hf"] = all(outputs[(b, n)] == ref for (bb, n) in outputs if bb == b)
+        result["batches"][str(b)] = entry
+    return result
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="serving-format model directory")
+    p.add_argument("--train-demo", help="train the small preset's MTP demo model into this directory")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--mtp-weight", type=float, default=0.3, help="weight of the mean MTP loss (training)")
+    p.add_argument("--replicate-mtp", action="store_true", help="start MTP layers 1.. as copies of layer 0")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=32, help="random prompts only")
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--depths", default="0,1,2,3")
+    p.add_argument("--batch1-prompts", type=int, default=4, help="prompts run one by one at batch 1")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: no OpenMP spin on a busy machine)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.compile the engine's decode step (default on)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    if args.train_demo:
+        train_demo(Path(args.train_demo), args.steps, args.mtp_weight, args.replicate_mtp)
+        return
+    if not args.model:
+        p.error("--model DIR (or --train-demo DIR) is required")
+    print(json.dumps(bench(args), indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
