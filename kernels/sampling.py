@@ -161,7 +161,7 @@ def speculative_verify(
     temperature: torch.Tensor,
     top_k: torch.Tensor | None,
     top_p: torch.Tensor | None,
-    uniforms: torch.Tensor,
+    uniforms: torch.Tensor | None,
     *,
     greedy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -188,8 +188,8 @@ def speculative_verify(
           token at index n_accepted), -1 after.
       logprobs   [B, K+1] float32: log_softmax(target_logits / T) of each emitted token
           (T = 1 for greedy rows, logits unfiltered), 0 where tokens == -1.
-    greedy=True promises temperature == 0 on every row (draft_probs may then be None): the
-    same outputs, computed from argmaxes only.
+    greedy=True promises temperature == 0 on every row (draft_probs and uniforms may then be
+    None): the same outputs, computed from argmaxes only.
     No host synchronisation.
     """
     if greedy:

@@ -27,6 +27,8 @@ class SlotState:
     """Tensors with one row per engine slot; rows [0, n) are the active requests."""
 
     def __init__(self, cfg: ModelConfig, model: InferenceModel, max_batch: int, *, compile: bool = False):
+        """compile: run the draft and the verify step through torch.compile (one graph each per
+        depth and sampling mode, any batch size); see `EngineConfig.compile`."""
         self.cfg, self.model, self.cache = cfg, model, model.cache
         self.max_batch, self.compile = max_batch, compile
         dev, dtype, Km = model.w.embed.device, model.w.embed.dtype, cfg.num_nextn_predict_layers
@@ -41,10 +43,15 @@ class SlotState:
         self.hist_h = torch.zeros(max_batch, self.T, cfg.hidden_size, dtype=dtype, device=dev)  # h_0 at [L-T, L-1]
         self.hist_tok = torch.zeros(max_batch, self.T + 1 + Km, dtype=torch.long, device=dev)  # tokens [L-T, L+Km]
         self.routed: torch.Tensor | None = None  # [B, positions, MoE layers, k], made on first use
-        self._verify, self._sample = speculative_verify, sample
+        self._draft, self._verify = self._draft_step, self._verify_step
         if compile:
-            self._verify = torch.compile(speculative_verify, dynamic=True)
-            self._sample = torch.compile(sample, dynamic=True)
+            from torch.fx.experimental import _config as fx_config
+
+            # Without duck sizing a batch of 2 is not taken for "the size of the 2 kv heads":
+            # one graph then serves every batch size.
+            fx_config.use_duck_shape = False
+            self._draft = torch.compile(self._draft_step, dynamic=True)
+            self._verify = torch.compile(self._verify_step, dynamic=True)
 
     def track_routing(self) -> None:
         if self.routed is None:
@@ -108,29 +115,52 @@ class SlotState:
     def decode(self, n: int, K: int, bound: int, greedy: bool, use_top_k: bool, use_top_p: bool):
         """Draft K tokens for rows [0, n), verify them, advance the rows. Returns n_accepted
         [n], tokens [n, K+1] and log-probs [n, K+1] as `speculative_verify` defines them."""
-        Km, T, dev = self.max_depth, self.T, self.device
         if self.compile and n == 1 and self.max_batch > 1:
             # Compiled graphs specialise on size 1: run a free slot alongside (at position 0,
             # its results are dropped) so that batch 1 reuses the graph of every other size.
             self.length[1] = 1
             n_acc, out, logprobs = self.decode(2, K, bound, greedy, use_top_k, use_top_p)
             return n_acc[:1], out[:1], logprobs[:1]
-        u = uniforms(self.keys[:n], self.counters[:n], 2 * Km + 1)
+        # Greedy steps need no randomness; sampled ones take the rows' next uniforms.
+        u = None if greedy else uniforms(self.keys[:n], self.counters[:n], 2 * self.max_depth + 1)
         self.counters[:n] += 1
-        temp = self.temperature[:n]
         top_k = self.top_k[:n] if use_top_k else None
         top_p = self.top_p[:n] if use_top_p else None
-        drafts, draft_probs = self.hist_tok[:n, :0], None
-        if K:
-            drafts, draft_probs = self._draft(n, K, u[:, :K], temp, top_k, top_p, greedy)
+        drafts, draft_probs = self._draft(n, K, u, top_k, top_p) if K else (self.hist_tok[:n, :0], None)
+        return self._verify(n, K, bound, drafts, draft_probs, u, top_k, top_p)
 
-        # Verify [last token, drafts] at positions L..L+K.
+    def _draft_step(self, n: int, K: int, u, top_k, top_p):
+        """Run MTP layers 0..K-1 over positions [L-2K, L-1]; returns drafts [n, K] and the
+        distributions they were drawn from [n, K, V] (None when greedy)."""
+        T, Tm = 2 * K, self.T
+        pos = (self.length[:n] - 1 - T)[:, None] + torch.arange(T, device=self.device)
+        s = self.model.slots(slice(0, n), pos, prefill=False, mtp=True)
+        tok = self.hist_tok[:n, Tm - T:]  # tok[:, T] is the last kept token
+        h = self.hist_h[:n, Tm - T:]
+        drafts, probs = [], []
+        for k in range(K):
+            h = self.model.mtp_layer(k, h, tok[:, k + 1:k + 1 + T], s)
+            logits = self.model.logits(h[:, -1])
+            if u is None:
+                d = logits.argmax(-1)
+            else:
+                d, q = sample(logits, self.temperature[:n], top_k, top_p, u[:, k])
+                probs.append(q)
+            tok[:, T + 1 + k] = d  # layer k+1 reads it at its last position
+            drafts.append(d)
+        return torch.stack(drafts, 1), (torch.stack(probs, 1) if probs else None)
+
+    def _verify_step(self, n: int, K: int, bound: int, drafts, draft_probs, u, top_k, top_p):
+        """Main model over [last token, drafts] at positions L..L+K, speculative verification,
+        then the rows move on by the kept tokens."""
+        Km, T, dev = self.max_depth, self.T, self.device
         pos = (self.length[:n] - 1)[:, None] + torch.arange(K + 1, device=dev)
         s = self.model.slots(slice(0, n), pos, prefill=False, bound=bound)
         routed = [] if self.routed is not None else None
         h = self.model.forward(self.hist_tok[:n, T:T + K + 1], s, routed)
-        n_acc, out, logprobs = self._verify(self.model.logits(h), drafts, draft_probs, temp, top_k, top_p,
-                                            u[:, Km:Km + K + 1], greedy=greedy)
+        n_acc, out, logprobs = speculative_verify(
+            self.model.logits(h), drafts, draft_probs, self.temperature[:n], top_k, top_p,
+            u[:, Km:Km + K + 1] if u is not None else None, greedy=u is None)
 
         # Keep the window of the last T positions (hidden) / T+1 tokens, shifted by n_acc + 1.
         shift = (n_acc + 1)[:, None]
@@ -146,25 +176,3 @@ class SlotState:
             rows = torch.arange(n, device=dev)[:, None]
             self.routed[rows, pos] = torch.stack(routed, dim=2).to(self.routed.dtype)
         return n_acc, out, logprobs
-
-    def _draft(self, n: int, K: int, u: torch.Tensor, temp, top_k, top_p, greedy: bool):
-        """Run MTP layers 0..K-1 over positions [L-2K, L-1]; returns drafts [n, K] and the
-        distributions they were drawn from [n, K, V] (None when greedy)."""
-        T, Tm = 2 * K, self.T
-        pos = (self.length[:n] - 1 - T)[:, None] + torch.arange(T, device=self.device)
-        s = self.model.slots(slice(0, n), pos, prefill=False, mtp=True)
-        tok = self.hist_tok[:n, Tm - T:]  # tok[:, T] is the last kept token
-        # A copy made here is an inference tensor like every later h: one compiled graph for all layers.
-        h = self.hist_h[:n, Tm - T:].clone()
-        drafts, probs = [], []
-        for k in range(K):
-            h = self.model.mtp_layer(k, h, tok[:, k + 1:k + 1 + T], s)
-            logits = self.model.logits(h[:, -1])
-            if greedy:
-                d = logits.argmax(-1)
-            else:
-                d, q = self._sample(logits, temp, top_k, top_p, u[:, k])
-                probs.append(q)
-            tok[:, T + 1 + k] = d  # layer k+1 reads it at its last position
-            drafts.append(d)
-        return torch.stack(drafts, 1), (torch.stack(probs, 1) if probs else None)

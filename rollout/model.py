@@ -14,9 +14,8 @@ after its final_layernorm -- and the token at t+k+1, computes
 eh_proj(cat(enorm(embed(token)), hnorm(h_k))), one SWA block with a dense FFN, and
 final_layernorm; lm_head of the result predicts the token at t+k+2. RoPE uses position t.
 
-A block is a `BlockKernel` call: static sizes live on the kernel object, every tensor (weights,
-cache, positions) is an argument. Layers of one kind share one kernel, so with
-`torch.compile` they share one compiled graph, and MTP layers share another.
+A block is a `BlockKernel` call: static sizes live on the kernel object (one per layer kind),
+every tensor (weights, cache, positions) is an argument.
 """
 
 from __future__ import annotations
@@ -166,13 +165,11 @@ class MTPKernel:
 class InferenceModel:
     """Weights + cache + the forward passes the engine runs.
 
-    With `compile`, the decode-time passes (main model over the verified block, one MTP layer)
-    run through torch.compile, each as one graph over all layers: on CPU this fuses the small
-    ops a step is made of (about 3x faster for the small model). Prefill stays eager (its
-    shapes vary per admission), and compiled blocks use the "dense" expert path, which has no
-    data-dependent shapes."""
+    `step_moe_path` picks the expert path of decode-time blocks: "auto" (eager) or "dense"
+    (no data-dependent shapes, for a step that torch.compile traces; see rollout/decode.py).
+    Prefill always runs eager with "auto"."""
 
-    def __init__(self, cfg: ModelConfig, weights: Weights, cache: KVCache, *, compile: bool = False):
+    def __init__(self, cfg: ModelConfig, weights: Weights, cache: KVCache, *, step_moe_path: str = "auto"):
         self.cfg, self.w, self.cache = cfg, weights, cache
         self.eps = cfg.layernorm_epsilon
         self.dims = {"global": cfg.attention_dims(False), "swa": cfg.attention_dims(True)}
@@ -180,19 +177,12 @@ class InferenceModel:
         self.moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe(i)]
         kinds = {(cfg.is_swa(i), cfg.is_moe(i)) for i in range(cfg.num_hidden_layers)}
         self.kernels = {kind: BlockKernel(cfg, swa=kind[0], moe=kind[1]) for kind in kinds}
+        self.step_kernels = {kind: BlockKernel(cfg, swa=kind[0], moe=kind[1], moe_path=step_moe_path)
+                             for kind in kinds}
         self.mtp_kernel = MTPKernel(cfg)
-        self._step_forward, self._step_mtp = self._forward, self._mtp_layer
-        if compile:
-            from torch.fx.experimental import _config as fx_config
-
-            # Without duck sizing, a batch of 2 is not taken for "the same size as the 2 kv
-            # heads": one graph serves every batch size and depth (no recompiles).
-            fx_config.use_duck_shape = False
-            self.step_kernels = {kind: BlockKernel(cfg, swa=kind[0], moe=kind[1], moe_path="dense") for kind in kinds}
-            self._step_forward = torch.compile(self._forward, dynamic=True)
-            self._step_mtp = torch.compile(self._mtp_layer, dynamic=True)
-        else:
-            self.step_kernels = self.kernels
+        # cos / sin of every position the cache can hold, per layer kind: a step looks them up.
+        positions = torch.arange(cache.max_len + 1, device=weights.embed.device)
+        self.rope = {kind: rope_cos_sin(positions, d["rotary_dim"], d["rope_theta"]) for kind, d in self.dims.items()}
 
     # ---- slots ---------------------------------------------------------------------------
     def slots(self, rows: slice, pos: torch.Tensor, *, prefill: bool, bound: int = 0, mtp: bool = False) -> Slots:
@@ -216,45 +206,31 @@ class InferenceModel:
             k_pos["mtp" if mtp else "swa"] = labels[rows]
             if not mtp:
                 k_pos["global"] = torch.arange(bound, device=pos.device).expand(n, bound)
-        rope = {}
-        for kind in kinds:
-            d = self.dims[kind]
-            rope[kind] = rope_cos_sin(pos, d["rotary_dim"], d["rope_theta"])
+        at = pos.clamp(min=0)  # padding takes position 0's rotation: it is masked anyway
+        rope = {kind: (self.rope[kind][0][at], self.rope[kind][1][at]) for kind in kinds}
         return Slots(rows, pos, write, k_pos, bound, prefill, rope)
 
     # ---- model ---------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, s: Slots, routed: list | None = None) -> torch.Tensor:
         """Main model over tokens [n, len] in cache rows s.rows -> final-normed hidden
         [n, len, hidden]. With a list `routed`, appends each MoE layer's experts [n, len, k]."""
-        if s.prefill:
-            h, experts = self._forward(tokens, s, self.kernels)
-        else:
-            h, experts = self._step_forward(tokens, s, self.step_kernels)
-        if routed is not None:
-            routed.extend(experts)
-        return h
-
-    def _forward(self, tokens, s: Slots, kernels):
-        x, routed = F.embedding(tokens.clamp(min=0), self.w.embed), []
+        kernels = self.kernels if s.prefill else self.step_kernels
+        x = F.embedding(tokens.clamp(min=0), self.w.embed)
         for i, b in enumerate(self.w.layers):
             kind = "swa" if b.swa else "global"
             k_cache, v_cache = self.cache.layers[i]
             x, experts = kernels[(b.swa, b.moe)](x, b, k_cache[s.rows], v_cache[s.rows], s.write[kind], s.q_pos,
                                                  s.k_pos[kind], *s.rope[kind], s.bound, s.prefill)
-            if experts is not None:
+            if routed is not None and experts is not None:
                 routed.append(experts)
-        return rms_norm(x, self.w.norm, self.eps), tuple(routed)
+        return rms_norm(x, self.w.norm, self.eps)
 
     def mtp_layer(self, k: int, h: torch.Tensor, tokens: torch.Tensor, s: Slots) -> torch.Tensor:
         """MTP layer k at the block's positions t: h = h_k(t) [n, len, hidden], tokens [n, len]
         = the tokens at t+k+1. Returns h_{k+1} (after final_layernorm)."""
         k_cache, v_cache = self.cache.mtp[k]
-        layer = self._mtp_layer if s.prefill else self._step_mtp
-        return layer(h, tokens, self.w.mtp[k], k_cache[s.rows], v_cache[s.rows], s)
-
-    def _mtp_layer(self, h, tokens, m: MTPWeights, k_cache, v_cache, s: Slots):
-        return self.mtp_kernel(h, F.embedding(tokens.clamp(min=0), self.w.embed), m, k_cache, v_cache,
-                               s.write["mtp"], s.q_pos, s.k_pos["mtp"], *s.rope["mtp"], s.prefill)
+        return self.mtp_kernel(h, F.embedding(tokens.clamp(min=0), self.w.embed), self.w.mtp[k], k_cache[s.rows],
+                               v_cache[s.rows], s.write["mtp"], s.q_pos, s.k_pos["mtp"], *s.rope["mtp"], s.prefill)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.w.lm_head).float()
