@@ -2,6 +2,8 @@
 
     python mimo_train/run.py recipe=pretrain [Hydra overrides]
     torchrun --nproc-per-node 4 mimo_train/run.py recipe=pretrain parallel.tp=2 parallel.pp=2
+    python mimo_train/run.py recipe=grpo checkpoint.load=runs/sft/checkpoints rl.domains=[sort]
+    python mimo_train/run.py recipe=mopd checkpoint.load=runs/sft/checkpoints teachers=synthetic
 
 Recipes are in recipes/, their building blocks in configs/. Every value is type-checked and
 validated, and the parallel layout checked against the model, before any work starts.
@@ -16,6 +18,7 @@ import warnings
 def main(argv: list[str]) -> int:
     warnings.filterwarnings("ignore", module="megatron")
     from mimo_train.parallel.layout import LayoutError, check_layout
+    from mimo_train.rl.teachers import TeacherUnavailable
     from mimo_train.training.checkpoint import CheckpointError
     from mimo_train.training.config import ConfigError, load_config
     from mimo_train.training.loop import TooManySkippedSteps, run, world_size
@@ -27,9 +30,14 @@ def main(argv: list[str]) -> int:
                               config.train.global_batch, config.train.micro_batch)
         if config.recipe in ("pretrain", "sft"):
             run(config, layout)
+        elif config.recipe in ("grpo", "mopd"):
+            from mimo_train.rl.loop import run_rl
+
+            run_rl(config, layout)
         else:
             raise ConfigError(f"recipe {config.recipe!r} has no runner in this version")
-    except (ConfigError, LayoutError, CheckpointError, TooManySkippedSteps, FileNotFoundError, ValueError) as err:
+    except (ConfigError, LayoutError, CheckpointError, TooManySkippedSteps, FileNotFoundError, ValueError,
+            TeacherUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,15 +1,23 @@
-"""The demo: synthetic verifiable tasks -> pretrain the `small` model with MTP -> results table.
+"""The demo, end to end on synthetic verifiable tasks, on 2 CPU cores:
 
-    make demo        (or: python tools/demo.py [steps=60] [out=runs/demo])
+    base (SFT of the `small` model with 3 MTP layers on every domain)
+      -> one GRPO teacher per domain (from the base)
+      -> MOPD student (from the base, every teacher scoring its own domain's prompts)
+      -> evaluation table (base, each teacher, the student; every domain)
+      -> export of the student to the serving format -> MTP accept length in our engine
 
-Everything is made here (data from the task generators, a character tokenizer), so nothing
-is downloaded. The run is the pretrain recipe, exactly as `mimo_train/run.py` runs it, so its
-checkpoints, metrics.jsonl and loss.png are under <out>/pretrain.
+    make demo        (or: python tools/demo.py [out=runs/demo] [base_steps=..] [teacher_steps=..] [mopd_steps=..])
+
+Every stage is the recipe a user would run (`mimo_train/run.py recipe=sft|grpo|mopd`), so
+each stage's checkpoints, metrics.jsonl and plots are under <out>/<stage>. Nothing is
+downloaded: data and tokenizer come from the task generators. The results also go to
+<out>/report.md with the plots.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -19,68 +27,140 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+DOMAINS = ["arithmetic", "reverse", "sort"]
+DEFAULTS = {"out": "runs/demo", "base_steps": "150", "teacher_steps": "30", "mopd_steps": "30", "seed": "0"}
 
-def _make_data():
-    spec = importlib.util.spec_from_file_location("make_data", ROOT / "tools" / "make_data.py")
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.make
+    return module
 
 
-def main(argv: list[str]) -> list[dict]:
-    args = dict(a.split("=", 1) for a in argv)
-    steps = int(args.get("steps", 60))
-    out = Path(args.get("out", "runs/demo"))
-    from rich.console import Console
-    from rich.table import Table
-
-    from mimo_train.model.config import ModelConfig
-    from mimo_train.model.params import count_parameters
-    from mimo_train.parallel.setup import init_distributed
+def _run(console, title: str, argv: list[str]) -> float:
     from mimo_train.run import main as run
+
+    console.rule(f"[bold]{title}")
+    console.print("python mimo_train/run.py " + " ".join(argv), style="dim", soft_wrap=True)
+    start = time.time()
+    if run(argv):
+        raise SystemExit(f"demo: stage {title!r} failed")
+    return time.time() - start
+
+
+def _tokens(run_dir: Path, key: str) -> float:
     from mimo_train.training.tracking import read_metrics
 
-    console = Console()
-    init_distributed(seed=0)  # a one-process group: the parameter count builds the model
-    cfg = ModelConfig.preset("small")
-    counts = count_parameters(cfg)
-    console.print(f"[bold]small[/] model: {counts['total']:,} parameters, {counts['active_per_token']:,} active "
-                  f"per token, {counts['mtp']:,} in {cfg.num_nextn_predict_layers} MTP layers")
-    release = count_parameters(ModelConfig.preset("mimo_v2_flash"))
-    console.print(f"[bold]mimo_v2_flash[/] preset: {release['total'] / 1e9:.1f}B total, "
-                  f"{release['active_per_token'] / 1e9:.1f}B active per token, {release['mtp'] / 1e9:.2f}B MTP")
+    return float(sum(r.get(key, 0.0) for r in read_metrics(run_dir)))
 
+
+def main(argv: list[str]) -> dict:
+    args = {**DEFAULTS, **dict(a.split("=", 1) for a in argv)}
+    out = Path(args["out"])
+    from rich.console import Console
+
+    console = Console()
+    t_start = time.time()
     data = out / "data"
     if not (data / "train.jsonl").exists():
-        summary = _make_data()(data, kind="pretrain", n=3000, n_eval=100, seed=0)
+        summary = _tool("make_data").make(data, kind="sft", domains=DOMAINS, n=3000, n_eval=100, seed=0)
         console.print(f"data: {summary['train_rows']} rows of {', '.join(summary['domains'])} in {data}")
-    run_dir = out / "pretrain"
-    start = time.time()
-    code = run(["recipe=pretrain", "model=small", f"train.steps={steps}", "train.global_batch=8",
-                "train.micro_batch=4", "data.seq_len=128", f"data.path={data}/train.jsonl",
-                f"data.tokenizer={data}/tokenizer", f"logging.run_dir={run_dir}", "checkpoint.every=50",
-                f"optim.warmup_steps={min(10, steps - 1)}"])
-    if code:
-        raise SystemExit(code)
+    common = ["model=small", f"data.path={data}/train.jsonl", f"data.tokenizer={data}/tokenizer",
+              f"train.seed={args['seed']}", "logging.progress=true"]
+    rl_common = [*common, f"rl.prompts={data}/train.jsonl"]
+    seconds, tokens = {}, {}
 
-    rows = read_metrics(run_dir)
-    depths = ["main"] + [f"mtp_{k}" for k in range(1, cfg.num_nextn_predict_layers + 1)]
-    table = Table(title=f"pretrain small on synthetic tasks: {rows[-1]['step']} steps, {time.time() - start:.0f}s "
-                        f"(top-1 accuracy of each depth: main predicts t+1, mtp_k predicts t+1+k)")
-    table.add_column("step", justify="right")
-    for d in depths:
-        table.add_column(f"loss {d}", justify="right")
-    for d in depths:
-        table.add_column(f"acc {d}", justify="right")
-    shown = {1, rows[-1]["step"]} | {r["step"] for r in rows if r["step"] % max(1, steps // 6) == 0}
-    for row in rows:
-        if row["step"] in shown:
-            table.add_row(str(row["step"]), *[f"{row[f'loss/{d}']:.3f}" for d in depths],
-                          *[f"{row[f'acc/{d}']:.2f}" for d in depths])
-    console.print(table)
-    console.print(f"loss curves: {run_dir / 'loss.png'}   metrics: {run_dir / 'metrics.jsonl'}   "
-                  f"checkpoints: {run_dir / 'checkpoints'}")
-    return rows
+    base = out / "base"
+    seconds["base"] = _run(console, "1. base model: SFT on every domain (main + 3 MTP depths)", [
+        "recipe=sft", *common, f"train.steps={args['base_steps']}", "train.global_batch=16", "train.micro_batch=8",
+        "data.seq_len=64", "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.warmup_steps=10", f"logging.run_dir={base}"])
+    tokens["base"] = _tokens(base, "tokens")
+
+    teachers = {}
+    for d in DOMAINS:
+        run_dir = out / f"teacher_{d}"
+        seconds[f"teacher_{d}"] = _run(console, f"2. GRPO teacher for {d}", [
+            "recipe=grpo", *rl_common, f"rl.domains=[{d}]", f"train.steps={args['teacher_steps']}",
+            f"checkpoint.load={base}/checkpoints", f"logging.run_dir={run_dir}"])
+        tokens[f"teacher_{d}"] = _tokens(run_dir, "rl/tokens")
+        teachers[d] = run_dir / "checkpoints"
+
+    student = out / "student"
+    listed = ",".join(f"{{name:{d},domain:{d},checkpoint:'{teachers[d]}'}}" for d in DOMAINS)
+    seconds["mopd"] = _run(console, "3. MOPD student from the base, one teacher per domain", [
+        "recipe=mopd", *rl_common, f"rl.teachers=[{listed}]", f"train.steps={args['mopd_steps']}",
+        f"checkpoint.load={base}/checkpoints", f"logging.run_dir={student}"])
+    tokens["mopd"] = _tokens(student, "rl/tokens")
+
+    console.rule("[bold]4. evaluation on held-out prompts (greedy, exact checkers)")
+    models = {"base": base / "checkpoints", **{f"teacher_{d}": teachers[d] for d in DOMAINS},
+              "student": student / "checkpoints"}
+    evaluation = _tool("evaluate").main([*[f"--model={n}={p}" for n, p in models.items()], f"--data={data}",
+                                         f"--out={out / 'eval'}"])
+    results = evaluation["results"] if "results" in evaluation else evaluation
+
+    console.rule("[bold]5. export of the student, and its MTP drafts in our engine")
+    export_dir = out / "export"
+    _tool("export").main(["--ckpt", str(student / "checkpoints"), "--out", str(export_dir), "--dtype", "fp32",
+                          "--tokenizer", str(data / "tokenizer"), "--overwrite"])
+    speculative = accept_lengths(export_dir, data)
+    console.print(json.dumps(speculative))
+
+    summary = {"results": results, "seconds": seconds, "tokens": tokens, "speculative": speculative,
+               "total_seconds": time.time() - t_start}
+    report = write_report(out, summary)
+    console.print(report.read_text())
+    console.print(f"[bold]demo done in {summary['total_seconds'] / 60:.1f} min[/]: report {report}")
+    return summary
+
+
+def accept_lengths(export_dir: Path, data: Path, n: int = 32) -> dict:
+    """Sample the student (temperature 1) on held-out prompts with K = 0 and K = 3 drafts."""
+    from mimo_train.data.dataset import load_tokenizer
+    from mimo_train.rl.evaluate import load_eval_rows, prompt_ids
+    from mimo_train.rollout.api import SamplingParams
+    from mimo_train.rollout.engine import Engine, EngineConfig
+
+    engine = Engine.from_pretrained(export_dir, EngineConfig(max_batch=1, max_len=128))
+    tokenizer = load_tokenizer(str(data / "tokenizer"))
+    prompts = [prompt_ids(tokenizer, r["prompt"]) for r in load_eval_rows(data / "eval" / "eval.jsonl")[:n]]
+    params = SamplingParams(temperature=1.0, max_new_tokens=16, stop_token_ids=(tokenizer.eos_token_id,), seed=0)
+    out = {}
+    for depth in (0, engine.max_depth):
+        _, m = engine.generate(prompts, params, depth=depth)
+        out[f"K={depth}"] = {"tokens_per_s": round(m.tokens_per_s, 1), "mean_accept_length": round(m.mean_accept_length, 3),
+                             "acceptance_per_position": [round(a, 3) for a in m.acceptance_per_position]}
+    return out
+
+
+def write_report(out: Path, summary: dict) -> Path:
+    from mimo_train.rl.evaluate import format_table
+
+    results, seconds, tokens = summary["results"], summary["seconds"], summary["tokens"]
+    teacher_s = sum(v for k, v in seconds.items() if k.startswith("teacher_"))
+    teacher_tok = sum(v for k, v in tokens.items() if k.startswith("teacher_"))
+    lines = ["# mimo-train demo", "", "## Held-out accuracy (greedy, exact checkers)", "", format_table(results), "",
+             "![evaluation](eval/eval.png)", "", "## Student vs each teacher on its own domain", "",
+             "| domain | base | teacher | student | student / teacher |", "|---|---|---|---|---|"]
+    for d in DOMAINS:
+        b, t, s = results["base"][d], results[f"teacher_{d}"][d], results["student"][d]
+        lines.append(f"| {d} | {b:.3f} | {t:.3f} | {s:.3f} | {s / t:.2f} |" if t else f"| {d} | {b:.3f} | {t:.3f} | {s:.3f} | - |")
+    lines += ["", "## Compute", "", "| stage | wall time (s) | tokens trained on |", "|---|---|---|",
+              f"| base SFT | {seconds['base']:.0f} | {tokens['base']:.0f} |",
+              *[f"| teacher {d} (GRPO) | {seconds[f'teacher_{d}']:.0f} | {tokens[f'teacher_{d}']:.0f} |" for d in DOMAINS],
+              f"| all teachers | {teacher_s:.0f} | {teacher_tok:.0f} |",
+              f"| MOPD student | {seconds['mopd']:.0f} | {tokens['mopd']:.0f} |",
+              f"| MOPD / teachers | {seconds['mopd'] / max(teacher_s, 1e-9):.2f} | {tokens['mopd'] / max(teacher_tok, 1):.2f} |",
+              "", "## Speculative decoding with the student's MTP layers (exported weights, our engine)", "",
+              "```json", json.dumps(summary["speculative"], indent=1), "```", "",
+              "## Curves", "", "![base losses](base/loss.png)", "",
+              *[f"![teacher {d}](teacher_{d}/rewards.png)" for d in DOMAINS], "", "![student](student/rewards.png)", "",
+              f"Total: {summary['total_seconds'] / 60:.1f} min."]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return path
 
 
 if __name__ == "__main__":

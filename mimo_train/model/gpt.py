@@ -57,6 +57,13 @@ def roll_left(tensor: torch.Tensor, packed_seq_params=None, cp_group=None) -> to
 
 
 class MiMoGPTModel(GPTModel):
+    # RL settings (mimo_train.rl.trainer sets them): the main depth's losses are taken at this
+    # sampling temperature, so that -loss is the policy's log-prob of what the engine sampled;
+    # with `detach_mtp` the MTP depths learn on the same forward without moving the trunk, the
+    # embedding or the output layer (their loss reaches only the MTP layers).
+    logit_temperature: float = 1.0
+    detach_mtp: bool = False
+
     def forward(self, input_ids, position_ids=None, attention_mask=None, labels=None, loss_mask=None,
                 packed_seq_params=None, decoder_input=None, **kwargs) -> MiMoOutput | torch.Tensor:
         if position_ids is None and input_ids is not None:
@@ -70,22 +77,33 @@ class MiMoGPTModel(GPTModel):
                      attention_mask=None, inference_params=None, packed_seq_params=None,
                      sequence_len_offset=None, runtime_gather_output=None, extra_block_kwargs=None,
                      inference_context=None):
+        trunk = hidden_states
         if mtp_in_postprocess:
+            embedding = self.embedding
+            if self.detach_mtp:
+                embedding = lambda **kw: self.embedding(**kw).detach()  # noqa: E731
             hidden_states = self.mtp(
-                input_ids=input_ids, position_ids=position_ids, hidden_states=hidden_states,
+                input_ids=input_ids, position_ids=position_ids,
+                hidden_states=trunk.detach() if self.detach_mtp else trunk,
                 attention_mask=attention_mask, inference_params=inference_params, rotary_pos_emb=rotary_pos_emb,
                 rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin, packed_seq_params=packed_seq_params,
-                sequence_len_offset=sequence_len_offset, embedding=self.embedding, **(extra_block_kwargs or {}))
+                sequence_len_offset=sequence_len_offset, embedding=embedding, **(extra_block_kwargs or {}))
         if not self.post_process:
             return hidden_states
 
-        depths = torch.chunk(hidden_states, 1 + (self.config.mtp_num_layers or 0), dim=0)
+        depths = list(torch.chunk(hidden_states, 1 + (self.config.mtp_num_layers or 0), dim=0))
+        if self.detach_mtp and len(depths) > 1:
+            depths[0] = trunk  # the MTP block passes its (detached) input through as depth 0
+        mtp_weight = self.output_layer.weight.detach() if self.detach_mtp else None
         out = MiMoOutput()
         targets, mask = labels, loss_mask
         if labels is not None and mask is None:
             mask = torch.ones_like(labels, dtype=torch.float32)
         for depth, hidden in enumerate(depths):
-            logits, _ = self.output_layer(hidden, runtime_gather_output=runtime_gather_output)  # [s, b, v]
+            logits, _ = self.output_layer(hidden, weight=mtp_weight if depth else None,
+                                          runtime_gather_output=runtime_gather_output)  # [s, b, v]
+            if depth == 0 and self.logit_temperature != 1.0:
+                logits = logits / self.logit_temperature
             if labels is None:
                 out.logits.append(logits.transpose(0, 1).contiguous())
                 continue

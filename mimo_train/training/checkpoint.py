@@ -176,7 +176,7 @@ def load(path: Path, model_chunks, optimizer, *, load_optimizer: bool = True, lo
     if load_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_steps(optimizer)
-    else:  # bf16 runs keep fp32 master copies of the weights: refresh them from the loaded ones
+    elif optimizer is not None:  # bf16 runs keep fp32 master copies of the weights: refresh them
         optimizer.reload_model_params()
     rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
     if load_rng and rng_file.exists():

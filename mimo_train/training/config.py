@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mimo_train.data.dataset import DataConfig
 from mimo_train.model.config import ModelConfig
+from mimo_train.rl.config import RLConfig, RLConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES, CONFIGS = ROOT / "recipes", ROOT / "configs"
@@ -124,12 +125,19 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    rl: RLConfig = field(default_factory=RLConfig)  # recipes grpo and mopd
 
     def validate(self) -> None:
         try:
             self.model.validate()
             self.data.validate()
-        except ValueError as err:
+            if self.recipe in ("grpo", "mopd"):
+                self.rl.validate(self.recipe)
+                need = self.rl.prompts_per_step * self.rl.group_size
+                _need(self.train.global_batch == need,
+                      f"train.global_batch={self.train.global_batch} must equal rl.prompts_per_step x rl.group_size "
+                      f"= {need}: one optimizer step per batch of rollouts")
+        except (ValueError, RLConfigError) as err:
             raise ConfigError(str(err)) from None
         for part in (self.parallel, self.optim, self.train, self.checkpoint, self.logging):
             part.validate()

@@ -92,7 +92,9 @@ def run(config: RunConfig, layout: Layout) -> dict:
 
     def save() -> None:
         state = {**trainer.state(), "data": loader.state_dict(), "model": dataclasses.asdict(config.model),
-                 "layout": dataclasses.asdict(layout), "recipe": config.recipe}
+                 "layout": dataclasses.asdict(layout), "recipe": config.recipe,
+                 # Readers of the checkpoint (export, teachers, evaluation) find the tokenizer here.
+                 "tokenizer": str(Path(config.data.tokenizer).resolve())}
         # Before the first step there is no optimizer state to save: the weights are the checkpoint.
         optimizer = trainer.optimizer if trainer.step > 0 else None
         final = checkpoint.save(config.checkpoint_dir, trainer.step, trainer.model, optimizer, state,

@@ -68,10 +68,13 @@ def packed_params(mb: dict) -> PackedSeqParams:
 
 
 class Trainer:
+    routing_replay = False  # RL: routers record / replay their top-k (megatron's RouterReplay)
+
     def __init__(self, config: RunConfig, layout: Layout):
         self.config, self.layout = config, layout
         opt = megatron_options(config, layout)
         self.tconfig = tc = transformer_config(config.model, opt)
+        tc.moe_enable_routing_replay = self.routing_replay and any(config.model.moe_layer_freq)
         vstages = layout.vpp or 1
         self.model = []
         for vp in range(vstages):

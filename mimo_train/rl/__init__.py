@@ -1,0 +1,1 @@
+"""RL post-training: GRPO and MOPD (multi-teacher on-policy distillation)."""

@@ -1,0 +1,98 @@
+"""Rollout samples -> the packed micro-batches the trainer's RL step consumes.
+
+A sample is prompt + response. The training input is every token but the last, the label of
+position t is token t+1, and positions that predict a response token carry the loss and
+their per-token values (rollout log-prob, teacher log-prob, outcome advantage, token
+weight). Each micro-batch packs its samples into one THD row (`cu_seqlens` bounds attention),
+padded with a masked segment to one common length, a multiple of the TP size (sequence
+parallel splits the row over TP ranks; pipeline stages exchange equal shapes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Sample:
+    prompt: list[int]
+    response: list[int]
+    rollout_logprobs: list[float]  # the engine's log-prob of each response token
+    domain: str = ""
+    reward: float = 0.0
+    outcome_advantage: float = 0.0  # group-normalised reward (GRPO)
+    teacher_logprobs: list[float] | None = None  # MOPD: the domain teacher's, per response token
+    ref_logprobs: list[float] | None = None  # GRPO with a KL penalty: the reference's
+    routed: torch.Tensor | None = None  # [len(prompt) + len(response) - 1, MoE layers, k]
+
+    @property
+    def length(self) -> int:  # training positions
+        return len(self.prompt) + len(self.response) - 1
+
+
+PER_TOKEN = ("rollout_logprobs", "teacher_logprobs", "ref_logprobs")
+
+
+def _sample_tensors(s: Sample, num_sequences: int) -> dict[str, torch.Tensor]:
+    seq = torch.tensor(s.prompt + s.response, dtype=torch.long)
+    n, start = s.length, len(s.prompt) - 1  # position `start` predicts the first response token
+    out = {"tokens": seq[:-1], "labels": seq[1:], "position_ids": torch.arange(n)}
+    mask = torch.zeros(n)
+    mask[start:] = 1.0
+    out["loss_mask"] = mask
+    # Per-sequence then per-batch mean: each response token counts 1 / (|y| * sequences).
+    out["token_weight"] = mask / (max(len(s.response), 1) * num_sequences)
+    out["outcome"] = mask * s.outcome_advantage
+    for name in PER_TOKEN:
+        values = getattr(s, name)
+        t = torch.zeros(n)
+        if values is not None:
+            if len(values) != len(s.response):
+                raise ValueError(f"{name}: {len(values)} values for a response of {len(s.response)} tokens")
+            t[start:] = torch.tensor(values, dtype=torch.float32)
+        out[name] = t
+    if s.routed is not None:
+        if s.routed.shape[0] != n:
+            raise ValueError(f"routed experts for {s.routed.shape[0]} positions, the sample has {n}")
+        out["routed"] = s.routed.long()
+    return out
+
+
+def padded_length(samples: list[Sample], micro_batch: int, multiple: int) -> int:
+    """One length for every micro-batch of the step (the longest packed group, rounded up)."""
+    longest = max(sum(s.length for s in samples[i:i + micro_batch]) for i in range(0, len(samples), micro_batch))
+    return -(-longest // multiple) * multiple
+
+
+def micro_batches(samples: list[Sample], micro_batch: int, *, num_sequences: int, length: int,
+                  pad_id: int = 0) -> list[dict]:
+    """Pack consecutive groups of `micro_batch` samples, each into a [1, length] row."""
+    out = []
+    for i in range(0, len(samples), micro_batch):
+        parts = [_sample_tensors(s, num_sequences) for s in samples[i:i + micro_batch]]
+        lens = [p["tokens"].numel() for p in parts]
+        pad = length - sum(lens)
+        if pad < 0:
+            raise ValueError(f"micro-batch of {sum(lens)} tokens does not fit the padded length {length}")
+        mb = {}
+        for key in parts[0]:
+            if key == "routed":
+                continue
+            fill = pad_id if key in ("tokens", "labels") else 0
+            padding = torch.full((pad,), fill, dtype=parts[0][key].dtype)
+            if key == "position_ids":
+                padding = torch.arange(pad)
+            mb[key] = torch.cat([p[key] for p in parts] + [padding]).unsqueeze(0)
+        if "routed" in parts[0]:
+            r = parts[0]["routed"]
+            # Padding tokens need some experts to replay: the first k, never a loss token.
+            filler = torch.arange(r.shape[-1]).expand(pad, r.shape[1], r.shape[-1])
+            mb["routed"] = torch.cat([p["routed"] for p in parts] + [filler]).unsqueeze(0)
+        segments = lens + ([pad] if pad else [])
+        cu = torch.zeros(len(segments) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.tensor(segments), 0).to(torch.int32)
+        mb["cu_seqlens"], mb["max_seqlen"] = cu, max(segments)
+        out.append(mb)
+    return out

@@ -1,0 +1,280 @@
+"""The RL run (recipes grpo and mopd): a thin loop over the trainer and the rollout engine.
+
+    one step = prompts -> engine.generate (current policy, MTP drafts) -> rewards (checkers)
+               [-> teacher log-probs on the student's tokens (MOPD)] -> advantages
+               -> RLTrainer.train_rl_step -> weights gathered -> engine.update_weights
+
+Rank 0 owns the engine and the teachers and broadcasts the step's samples; every rank trains
+on its data-parallel share. Prompts and sampling seeds are functions of (seed, step), so a
+resumed run samples exactly what an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from mimo_train.data.dataset import load_tokenizer
+from mimo_train.data.sources import BadRows, load_rows
+from mimo_train.data.tasks import score
+from mimo_train.parallel.layout import Layout
+from mimo_train.parallel.setup import init_distributed
+from mimo_train.rl import batch as rl_batch
+from mimo_train.rl.loss import group_advantages
+from mimo_train.rl.trainer import RLTrainer
+from mimo_train.rl.weight_gather import gather_serving_weights
+from mimo_train.training import checkpoint
+from mimo_train.training.config import RunConfig
+from mimo_train.training.loop import _StopRequest, resume
+from mimo_train.training.tracking import Tracker, plot_losses
+from mimo_train.training.trainer import TooManySkippedSteps
+
+
+class PromptSet:
+    """The RL prompts (rows with `domain` and `prompt`); step s draws a fixed function of (seed, s)."""
+
+    def __init__(self, path: str, domains: list[str], seed: int):
+        try:
+            rows = load_rows(path, ["domain", "prompt"], BadRows("error"))
+        except ValueError as err:
+            raise ValueError(f"rl.prompts: {err} (RL rows need `prompt`, and `domain`: rewards are checked and "
+                             "MOPD teachers chosen by the row's domain)") from None
+        if domains:
+            rows = [r for r in rows if r[0] in domains]
+        if not rows:
+            raise ValueError(f"rl.prompts={path}: no rows" + (f" of domains {domains}" if domains else ""))
+        self.rows, self.seed = rows, seed
+        self.domains = sorted({d for d, _ in rows})
+
+    def draw(self, step: int, n: int) -> list[tuple[str, str]]:
+        return random.Random(f"{self.seed}:{step}").sample(self.rows, n) if n <= len(self.rows) else \
+            random.Random(f"{self.seed}:{step}").choices(self.rows, k=n)
+
+    def state_dict(self) -> dict:  # the position is the step itself; kept for resume's interface
+        return {"seed": self.seed, "rows": len(self.rows)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("rows") not in (None, len(self.rows)):
+            raise checkpoint.CheckpointError(
+                f"rl.prompts now has {len(self.rows)} rows, the checkpoint was trained on {state['rows']}: "
+                "resume with the same prompts")
+
+
+def teacher_set(config: RunConfig) -> list[dict]:
+    return [dataclasses.asdict(t) for t in config.rl.teachers] if config.rl.algorithm == "mopd" else []
+
+
+def check_teachers_on_resume(config: RunConfig) -> None:
+    path = checkpoint.latest(config.checkpoint_dir) if config.checkpoint.resume else None
+    if path is None:
+        return
+    saved = checkpoint.read_state(path).get("teachers")
+    mine = [{k: t[k] for k in ("name", "domain", "checkpoint")} for t in teacher_set(config)]
+    theirs = [{k: t[k] for k in ("name", "domain", "checkpoint")} for t in saved or []]
+    if saved is not None and theirs != mine:
+        raise checkpoint.CheckpointError(
+            f"{path} was trained with teachers {theirs}; this run declares {mine}. Resume with the same "
+            "rl.teachers, or start a new run (checkpoint.dir / logging.run_dir)")
+
+
+class Rollout:
+    """Rank 0's side: the engine, the teachers, rewards and advantages."""
+
+    def __init__(self, config: RunConfig, weights: dict, tokenizer, prompts: PromptSet):
+        from mimo_train.rollout.api import SamplingParams
+        from mimo_train.rollout.engine import Engine, EngineConfig
+
+        rl, model = config.rl, config.model
+        self.config, self.rl, self.tokenizer, self.prompts = config, rl, tokenizer, prompts
+        self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.engine = Engine(model, weights, EngineConfig(
+            max_batch=min(rl.engine_max_batch, rl.prompts_per_step * rl.group_size),
+            max_len=min(model.max_position_embeddings, 256 + rl.max_new_tokens), seed=config.train.seed))
+        self.engine.fixed_depth = rl.spec_depth
+        self.params = lambda seed: SamplingParams(  # noqa: E731
+            temperature=rl.temperature, top_p=rl.top_p, max_new_tokens=rl.max_new_tokens,
+            stop_token_ids=(self.eos,), n=rl.group_size, seed=seed, return_routed_experts=True)
+        self.teachers = self._teachers() if rl.algorithm == "mopd" else {}
+        self.reference = None
+        if rl.algorithm == "grpo" and rl.kl_coef > 0:
+            from mimo_train.rl.teachers import TeacherSpec, make_teacher
+
+            ref = rl.reference or config.checkpoint.load
+            if not ref:
+                raise ValueError("rl.kl_coef > 0 needs a reference: set rl.reference or checkpoint.load")
+            self.reference = make_teacher(TeacherSpec("reference", "*", str(ref)))
+
+    def _teachers(self) -> dict:
+        from mimo_train.rl.teachers import TeacherSpec, check_compatible, check_domains, make_teacher
+
+        rl = self.rl
+        teachers = {t.domain: make_teacher(TeacherSpec(t.name, t.domain, t.checkpoint, t.server),
+                                           timeout_s=rl.teacher_timeout_s, retries=rl.teacher_retries)
+                    if t.server else make_teacher(TeacherSpec(t.name, t.domain, t.checkpoint, t.server))
+                    for t in rl.teachers}
+        check_compatible(self.config.model.vocab_size, self.config.data.tokenizer, list(teachers.values()))
+        check_domains(self.prompts.domains, teachers)
+        return teachers
+
+    def sync(self, weights: dict, version: int) -> None:
+        self.engine.update_weights(weights, version=version)
+
+    def collect(self, step: int) -> tuple[list[rl_batch.Sample], dict]:
+        rl, seed = self.rl, self.config.train.seed
+        rows = self.prompts.draw(step, rl.prompts_per_step)
+        prompts = [[self.bos] + self.tokenizer.encode(p, add_special_tokens=False) for _, p in rows]
+        t0 = time.time()
+        params = [self.params(random.Random(f"{seed}:{step}:{i}").getrandbits(31)) for i in range(len(rows))]
+        completions, stats = self.engine.generate(prompts, params)
+        t_rollout = time.time() - t0
+        samples, rewards = [], []
+        for c in completions:
+            domain, prompt = rows[c.prompt_index]
+            text = self.tokenizer.decode([t for t in c.tokens if t != self.eos], skip_special_tokens=True)
+            reward = score(domain, prompt, text)
+            rewards.append(reward)
+            samples.append(rl_batch.Sample(c.prompt, list(c.tokens), list(c.logprobs), domain, reward,
+                                           routed=c.routed_experts))
+        outcome = group_advantages(torch.tensor(rewards, dtype=torch.float64), rl.group_size,
+                                   normalize_std=rl.normalize_std)
+        for s, a in zip(samples, outcome.tolist()):
+            s.outcome_advantage = a
+        t1 = time.time()
+        metrics = self._score(samples)
+        metrics.update({"time/rollout": t_rollout, "time/teacher": time.time() - t1,
+                        "rollout/tokens_per_s": stats.tokens_per_s, "rollout/accept_length": stats.mean_accept_length,
+                        "rollout/occupancy": stats.occupancy, "rollout/policy_version": self.engine.version,
+                        "rollout/response_length": sum(len(s.response) for s in samples) / len(samples),
+                        "reward/mean": sum(rewards) / len(rewards)})
+        for j, a in enumerate(stats.acceptance_per_position):
+            metrics[f"rollout/acceptance_{j}"] = a
+        for domain in sorted({s.domain for s in samples}):
+            mine = [s.reward for s in samples if s.domain == domain]
+            metrics[f"reward/{domain}"] = sum(mine) / len(mine)
+        return samples, metrics
+
+    def _score(self, samples: list[rl_batch.Sample]) -> dict:
+        metrics = {}
+        if self.reference is not None:
+            for s, lp in zip(samples, self.reference.logprobs([s.prompt for s in samples], [s.response for s in samples],
+                                                               temperature=self.rl.temperature)):
+                s.ref_logprobs = lp.tolist()
+        for domain, teacher in self.teachers.items():
+            mine = [s for s in samples if s.domain == domain]
+            if not mine:
+                continue
+            scored = teacher.logprobs([s.prompt for s in mine], [s.response for s in mine], temperature=self.rl.temperature)
+            gap, tokens = 0.0, 0
+            for s, lp in zip(mine, scored):
+                s.teacher_logprobs = lp.tolist()
+                gap += sum(r - t for r, t in zip(s.rollout_logprobs, s.teacher_logprobs))
+                tokens += len(s.response)
+            metrics[f"teacher_kl/{domain}"] = gap / max(tokens, 1)  # E_student[log mu - log pi_teacher] per token
+        return metrics
+
+
+def run_rl(config: RunConfig, layout: Layout) -> dict:
+    init_distributed(layout.tp, layout.pp, layout.ep, layout.vpp, seed=config.train.seed)
+    rank0 = dist.get_rank() == 0
+    rl = config.rl
+    check_teachers_on_resume(config)
+    prompts = PromptSet(rl.prompts, rl.domains, config.train.seed)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    trainer = RLTrainer(config, layout, rl)
+    resumed = resume(trainer, prompts, config, layout)
+    weights = gather_serving_weights(trainer.model, config.model)
+    rollout = Rollout(config, weights, tokenizer, prompts) if rank0 else None
+    del weights
+    tracker = Tracker(config.run_dir, enabled=rank0, total_steps=config.train.steps, start_step=trainer.step,
+                      config=config.to_dict(), wandb_project=config.logging.wandb_project,
+                      wandb_mode=config.logging.wandb_mode, progress=config.logging.progress, name=config.recipe)
+    if resumed:
+        tracker.message(f"resumed from {resumed} at step {trainer.step}")
+    dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    multiple = layout.tp
+    stop = _StopRequest()
+
+    def save() -> None:
+        state = {**trainer.state(), "data": prompts.state_dict(), "model": dataclasses.asdict(config.model),
+                 "layout": dataclasses.asdict(layout), "recipe": config.recipe, "teachers": teacher_set(config),
+                 "tokenizer": str(Path(config.data.tokenizer).resolve())}
+        final = checkpoint.save(config.checkpoint_dir, trainer.step, trainer.model,
+                                trainer.optimizer if trainer.step > 0 else None, state,
+                                keep_last=config.checkpoint.keep_last)
+        tracker.message(f"saved {final}")
+
+    metrics: dict = {}
+    try:
+        stop_at = config.train.stop_at
+        last = config.train.steps if stop_at is None else min(config.train.steps, stop_at)
+        while trainer.step < last and not stop.requested:
+            t0 = time.time()
+            box = [rollout.collect(trainer.step) if rank0 else None]
+            dist.broadcast_object_list(box, src=0)
+            samples, rollout_metrics = box[0]
+            per_rank = len(samples) // dp
+            mine = samples[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+            length = rl_batch.padded_length(samples, config.train.micro_batch, multiple)
+            mbs = rl_batch.micro_batches(mine, config.train.micro_batch, num_sequences=len(samples), length=length,
+                                         pad_id=tokenizer.pad_token_id or 0)
+            result = trainer.train_rl_step(mbs)
+            t1 = time.time()
+            weights = gather_serving_weights(trainer.model, config.model)
+            if rank0:
+                rollout.sync(weights, trainer.step)
+            del weights
+            metrics = {**rollout_metrics, **result.metrics, "time/sync": time.time() - t1,
+                       "time/step": time.time() - t0,
+                       "rl/tokens": sum(s.length for s in samples)}
+            if trainer.step % config.logging.every == 0 or result.skipped:
+                tracker.log(trainer.step, metrics)
+            if result.skipped:
+                tracker.message(f"step {trainer.step}: non-finite loss or gradient, update skipped")
+                if trainer.skipped > config.train.max_skipped_steps:
+                    raise TooManySkippedSteps(
+                        f"{trainer.skipped} steps had a non-finite loss or gradient (train.max_skipped_steps="
+                        f"{config.train.max_skipped_steps}); stopped without saving, the last checkpoint is intact")
+            if config.checkpoint.every and trainer.step % config.checkpoint.every == 0:
+                save()
+        save()
+    finally:
+        stop.restore()
+        tracker.close()
+    if rank0 and config.logging.plot and (config.run_dir / "metrics.jsonl").exists():
+        plot_losses(config.run_dir)
+        plot_rewards(config.run_dir)
+    return metrics
+
+
+def plot_rewards(run_dir: Path) -> Path:
+    """reward/* and teacher_kl/* curves -> rewards.png next to metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mimo_train.training.tracking import read_metrics
+
+    rows = read_metrics(run_dir)
+    groups = [("reward/", "reward"), ("teacher_kl/", "teacher KL (nats/token)"), ("rollout/accept_length", "accept length")]
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.5))
+    for ax, (prefix, title) in zip(axes, groups):
+        keys = sorted({k for r in rows for k in r if k.startswith(prefix)})
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=key.removeprefix(prefix) or key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if keys:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(run_dir) / "rewards.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,114 @@
+"""The HTTP side of a teacher process (tools/serve_teacher.py is the command line around it).
+
+    GET  /info      -> {"name", "vocab_size", "tokenizer_fingerprint", "max_len"}
+    POST /logprobs  {"prompts": [[ids]], "responses": [[ids]], "temperature": T}
+                    -> {"logprobs": [[floats]]}   (log_softmax(logits / T) of each response token)
+
+Standard library only (http.server), bound to 127.0.0.1 by default: the trainer and its teachers
+share a machine, and nothing here is meant for other hosts. Bad requests get a 400 with the
+reason in plain text (the client raises it without retrying); any other failure is a 500
+(retried). Successful answers are JSON.
+Requests are served by threads, but the engine has one set of cache rows, so one lock
+serialises every forward.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import traceback
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from mimo_train.rl.teachers import check_request
+
+MAX_BODY_BYTES = 256 << 20  # a bound on what one request may make the server read
+
+
+class TeacherServer(ThreadingHTTPServer):
+    daemon_threads = True  # a stuck client must not keep the process alive on shutdown
+
+    def __init__(self, teacher, host: str = "127.0.0.1", port: int = 0, *, verbose: bool = False):
+        """teacher: an InProcessTeacher (anything with .info() and .logprobs())."""
+        self.teacher, self.verbose = teacher, verbose
+        self.lock = threading.Lock()
+        self.info = teacher.info()  # computed once: the tokenizer fingerprint loads a tokenizer
+        super().__init__((host, port), _Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def score(self, body) -> dict:
+        """The /logprobs answer for a parsed body; ValueError for a bad one (-> 400)."""
+        if not isinstance(body, dict):
+            raise ValueError("the body must be a JSON object {prompts, responses, temperature}")
+        unknown = set(body) - {"prompts", "responses", "temperature"}
+        if unknown or "prompts" not in body or "responses" not in body:
+            raise ValueError(f"expected keys prompts, responses (and optional temperature); got {sorted(body)}")
+        prompts, responses, t = body["prompts"], body["responses"], body.get("temperature", 1.0)
+        # Checked before taking the lock: a bad request must not queue behind good ones.
+        check_request(prompts, responses, self.info["vocab_size"], self.info["max_len"], t)
+        with self.lock:
+            out = self.teacher.logprobs(prompts, responses, t)
+        return {"logprobs": [lp.tolist() for lp in out]}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: TeacherServer
+    protocol_version = "HTTP/1.1"  # with Content-Length on every answer, so clients can reuse a connection
+
+    def do_GET(self):  # noqa: N802 -- http.server's naming
+        if self.path.rstrip("/") == "/info":
+            return self._send(200, self.server.info)
+        self._error(404, f"unknown path {self.path}: GET /info or POST /logprobs")
+
+    def do_POST(self):  # noqa: N802
+        if self.path.rstrip("/") != "/logprobs":
+            return self._error(404, f"unknown path {self.path}: POST /logprobs")
+        try:
+            size = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            return self._error(400, "bad Content-Length header")
+        if not 0 < size <= MAX_BODY_BYTES:
+            return self._error(400 if size <= 0 else 413, f"body of {size} bytes: need 1..{MAX_BODY_BYTES}")
+        raw = self.rfile.read(size)
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return self._error(400, f"body is not JSON: {e}")
+        try:
+            answer = self.server.score(body)
+        except ValueError as e:
+            return self._error(400, str(e))
+        except Exception as e:  # noqa: BLE001 -- the server must answer, and log for its operator
+            traceback.print_exc(file=sys.stderr)
+            return self._error(500, f"{type(e).__name__}: {e}")
+        self._send(200, answer)
+
+    def _send(self, code: int, payload: dict) -> None:
+        self._write(code, json.dumps(payload).encode(), "application/json")
+
+    def _error(self, code: int, message: str) -> None:
+        self.close_connection = True  # the body may be unread: the connection cannot carry another request
+        self._write(code, message.encode(), "text/plain; charset=utf-8")
+
+    def _write(self, code: int, data: bytes, content_type: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format, *args):  # noqa: A002 -- http.server's signature
+        if self.server.verbose:
+            super().log_message(format, *args)
+
+
+def serve_in_thread(teacher, host: str = "127.0.0.1", port: int = 0) -> TeacherServer:
+    """Start a server on a daemon thread (tests, or a trainer hosting a teacher beside it).
+    Stop it with server.shutdown(); server.server_close()."""
+    server = TeacherServer(teacher, host, port)
+    threading.Thread(target=server.serve_forever, name=f"teacher-server-{server.url}", daemon=True).start()
+    return server

@@ -1,0 +1,43 @@
+import pytest
+
+from tests.rl.rl_runs import init_args
+from tests.training.runs import ROOT, train
+
+
+@pytest.fixture(scope="session")
+def rl_data(tmp_path_factory):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_data", ROOT / "tools" / "make_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path_factory.mktemp("rl_data")
+    module.make(out, kind="sft", n=100, n_eval=10, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def student_init(rl_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("student")
+    train(init_args(rl_data, run_dir, seed=1))
+    return run_dir / "checkpoints"
+
+
+@pytest.fixture(scope="session")
+def teacher_init(rl_data, tmp_path_factory):
+    """A different random model: its log-probs differ from the student's, so the distillation
+    advantage is far from zero."""
+    run_dir = tmp_path_factory.mktemp("teacher")
+    train(init_args(rl_data, run_dir, seed=2))
+    return run_dir / "checkpoints"
+
+
+@pytest.fixture(scope="session")
+def mopd_reference(rl_data, student_init, teacher_init, tmp_path_factory):
+    """One process, 4 MOPD steps, a checkpoint every 2: the run the others are held to."""
+    from tests.rl.rl_runs import mopd_args
+
+    run_dir = tmp_path_factory.mktemp("mopd_ref")
+    train(mopd_args(rl_data, run_dir, student_init, teacher_init, "checkpoint.every=2", "checkpoint.keep_last=5",
+                    steps=4))
+    return run_dir

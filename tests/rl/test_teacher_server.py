@@ -1,0 +1,180 @@
+"""Teachers behind tools/serve_teacher.py: a round trip equals the in-process teacher exactly;
+bad requests get a 400 with the reason; a server that is down, failing or too slow is retried,
+then reported as TeacherUnavailable quickly (small timeouts here) with what to do."""
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from mimo_train.rl.teacher_server import serve_in_thread
+from mimo_train.rl.teachers import (
+    InProcessTeacher,
+    RemoteTeacher,
+    TeacherSpec,
+    TeacherUnavailable,
+    check_compatible,
+    make_teacher,
+)
+from mimo_train.rollout import EngineConfig
+from tests.rollout.rollout_utils import make_model, random_prompts
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = dict(timeout_s=0.5, retries=2, backoff_s=0.01)  # 3 attempts
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("served"), seed=3, mtp=1)
+
+
+@pytest.fixture(scope="module")
+def teacher(model):
+    return InProcessTeacher(TeacherSpec("t-code", "code", str(model.path)),
+                            EngineConfig(device="cpu", max_batch=2, max_len=48))
+
+
+@contextlib.contextmanager
+def running(teacher):
+    server = serve_in_thread(teacher)
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def server(teacher):
+    with running(teacher) as s:
+        yield s
+
+
+def post(url, raw: bytes):
+    req = urllib.request.Request(url + "/logprobs", data=raw, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=5)
+    return e.value.code, e.value.read().decode()
+
+
+def test_round_trip_equals_in_process(model, teacher, server):
+    spec = TeacherSpec("t-code", "code", str(model.path), server=server.url)
+    remote = make_teacher(spec, **FAST)
+    assert isinstance(remote, RemoteTeacher) and isinstance(make_teacher(TeacherSpec("x", "y", str(model.path))),
+                                                            InProcessTeacher)
+    assert remote.vocab_size == teacher.vocab_size and remote.max_len == teacher.max_len == 48
+    assert remote.info() == teacher.info()
+    check_compatible(model.cfg.vocab_size, None, [remote])
+    prompts = random_prompts(model.cfg, [3, 11, 1], seed=7)
+    responses = random_prompts(model.cfg, [6, 2, 0], seed=8)
+    for t in (1.0, 0.6):
+        got, want = remote.logprobs(prompts, responses, t), teacher.logprobs(prompts, responses, t)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))  # floats survive JSON exactly
+
+
+def test_bad_requests_get_400(model, teacher, server):
+    v = model.cfg.vocab_size
+    cases = [(b"{not json", "not JSON"),
+             (b"[1, 2]", "JSON object"),
+             (json.dumps({"prompts": [[1]]}).encode(), "expected keys"),
+             (json.dumps({"prompts": [[1, v]], "responses": [[2]]}).encode(), "outside the vocabulary"),
+             (json.dumps({"prompts": [[1] * 40], "responses": [[2] * 9]}).encode(), "max_len 48"),
+             (json.dumps({"prompts": [[1]], "responses": [[2]], "temperature": "hot"}).encode(), "temperature")]
+    for raw, message in cases:
+        code, text = post(server.url, raw)
+        assert code == 400 and message in text, (raw, text)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(server.url + "/nothing", timeout=5)
+    assert e.value.code == 404
+    # A 400 is the caller's bug: raised at once as ValueError, not retried as an outage.
+    remote = RemoteTeacher(TeacherSpec("t-code", "code", "ckpt", server=server.url), **FAST)
+    with pytest.raises(ValueError, match=r"refused the request \(HTTP 400\): prompt 0 has token ids outside"):
+        remote.logprobs([[v + 5]], [[1]])
+    assert teacher.logprobs([[1]], [[2]])[0].shape == (1,)  # the server still serves
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_down_retries_then_clear_error():
+    url = f"http://127.0.0.1:{free_port()}"
+    start = time.perf_counter()
+    with pytest.raises(TeacherUnavailable) as e:
+        RemoteTeacher(TeacherSpec("math-teacher", "math", "runs/math/checkpoints", server=url), **FAST)
+    assert time.perf_counter() - start < 3
+    msg = str(e.value)
+    for part in ("'math-teacher'", url, "after 3 attempts", "ConnectionRefusedError",
+                 "python tools/serve_teacher.py --ckpt runs/math/checkpoints"):
+        assert part in msg, (part, msg)
+
+
+class ScriptedTeacher:
+    """Answers /info at once; /logprobs sleeps, or fails the first `failures` calls."""
+
+    def __init__(self, sleep_s=0.0, failures=0):
+        self.sleep_s, self.failures, self.calls = sleep_s, failures, 0
+
+    def info(self):
+        return dict(name="scripted", vocab_size=10, tokenizer_fingerprint=None, max_len=32)
+
+    def logprobs(self, prompts, responses, temperature=1.0):
+        self.calls += 1
+        time.sleep(self.sleep_s)
+        if self.calls <= self.failures:
+            raise RuntimeError("CUDA out of memory (scripted)")
+        return [torch.full((len(r),), -0.5) for r in responses]
+
+
+def test_slow_server_times_out_then_clear_error():
+    with running(ScriptedTeacher(sleep_s=1.5)) as s:
+        remote = RemoteTeacher(TeacherSpec("slow", "agent", "ckpt", server=s.url), timeout_s=0.2, retries=1,
+                               backoff_s=0.01)
+        start = time.perf_counter()
+        with pytest.raises(TeacherUnavailable, match=r"after 2 attempts .*timed out after 0.2s"):
+            remote.logprobs([[1, 2]], [[3]])
+        assert time.perf_counter() - start < 1.2
+
+
+def test_server_errors_are_retried():
+    scripted = ScriptedTeacher(failures=1)
+    with running(scripted) as s:
+        remote = RemoteTeacher(TeacherSpec("flaky", "math", "ckpt", server=s.url), **FAST)
+        assert remote.logprobs([[1]], [[2, 3]])[0].tolist() == [-0.5, -0.5]
+        assert scripted.calls == 2
+        scripted.failures = 10
+        with pytest.raises(TeacherUnavailable, match="HTTP 500: RuntimeError: CUDA out of memory"):
+            remote.logprobs([[1]], [[2]])
+
+
+def test_command_line_prints_url_and_serves(model, teacher):
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "serve_teacher.py"), "--ckpt", str(model.path),
+                             "--port", "0", "--name", "cli", "--max-batch", "2", "--max-len", "48", "--device", "cpu"],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        first = json.loads(proc.stdout.readline())
+        assert first["url"].startswith("http://127.0.0.1:") and first["name"] == "cli"
+        remote = RemoteTeacher(TeacherSpec("cli", "code", str(model.path), server=first["url"]), **FAST)
+        prompts, responses = random_prompts(model.cfg, [4], seed=9), random_prompts(model.cfg, [5], seed=10)
+        assert torch.equal(remote.logprobs(prompts, responses)[0], teacher.logprobs(prompts, responses)[0])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
