@@ -18,7 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def main(argv: list[str] | None = None) -> None:
+def make_server(argv: list[str] | None = None):
+    """Parse the command line, load the teacher and bind the server (not serving yet)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="training checkpoint dir (or one iter_* dir) or serving dir")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
@@ -40,7 +41,12 @@ def main(argv: list[str] | None = None) -> None:
                                    EngineConfig(max_batch=a.max_batch, max_len=a.max_len, device=a.device))
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"serve_teacher: {e}")
-    server = TeacherServer(teacher, a.host, a.port, verbose=a.verbose)
+    return TeacherServer(teacher, a.host, a.port, verbose=a.verbose)
+
+
+def main(argv: list[str] | None = None) -> None:
+    server = make_server(argv)
+    # First line, flushed: a parent that passed --port 0 reads the URL from it.
     print(json.dumps({"url": server.url, **server.info}), flush=True)
     try:
         server.serve_forever()

@@ -26,6 +26,7 @@ from mimo_train.data.tasks import score
 from mimo_train.parallel.layout import Layout
 from mimo_train.parallel.setup import init_distributed
 from mimo_train.rl import batch as rl_batch
+from mimo_train.rl.evaluate import prompt_ids, response_text
 from mimo_train.rl.loss import group_advantages
 from mimo_train.rl.trainer import RLTrainer
 from mimo_train.rl.weight_gather import gather_serving_weights
@@ -92,7 +93,7 @@ class Rollout:
 
         rl, model = config.rl, config.model
         self.config, self.rl, self.tokenizer, self.prompts = config, rl, tokenizer, prompts
-        self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.eos = tokenizer.eos_token_id
         self.engine = Engine(model, weights, EngineConfig(
             max_batch=min(rl.engine_max_batch, rl.prompts_per_step * rl.group_size),
             max_len=min(model.max_position_embeddings, 256 + rl.max_new_tokens), seed=config.train.seed))
@@ -128,7 +129,7 @@ class Rollout:
     def collect(self, step: int) -> tuple[list[rl_batch.Sample], dict]:
         rl, seed = self.rl, self.config.train.seed
         rows = self.prompts.draw(step, rl.prompts_per_step)
-        prompts = [[self.bos] + self.tokenizer.encode(p, add_special_tokens=False) for _, p in rows]
+        prompts = [prompt_ids(self.tokenizer, p) for _, p in rows]  # as training documents begin
         t0 = time.time()
         params = [self.params(random.Random(f"{seed}:{step}:{i}").getrandbits(31)) for i in range(len(rows))]
         completions, stats = self.engine.generate(prompts, params)
@@ -136,8 +137,7 @@ class Rollout:
         samples, rewards = [], []
         for c in completions:
             domain, prompt = rows[c.prompt_index]
-            text = self.tokenizer.decode([t for t in c.tokens if t != self.eos], skip_special_tokens=True)
-            reward = score(domain, prompt, text)
+            reward = score(domain, prompt, response_text(self.tokenizer, c.tokens))  # as evaluation reads it
             rewards.append(reward)
             samples.append(rl_batch.Sample(c.prompt, list(c.tokens), list(c.logprobs), domain, reward,
                                            routed=c.routed_experts))

@@ -69,7 +69,7 @@ def _lists(seqs) -> list[list]:
     return [x.tolist() if isinstance(x, torch.Tensor) else list(x) for x in seqs]
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the trainer multiplies these into a loss that autograd saves
 def score_tokens(engine, prompts: list[list[int]], responses: list[list[int]],
                  temperature: float = 1.0) -> list[torch.Tensor]:
     """log_softmax(logits / T) of each response token given prompt + earlier response tokens,

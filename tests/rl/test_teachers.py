@@ -61,7 +61,7 @@ def test_scores_equal_full_forward(model, teacher, temperature):
     responses = random_prompts(model.cfg, [5, 1, 2 * w + 3, 12, 0], seed=2)
     out = teacher.logprobs(prompts, responses, temperature)
     for p, r, lp in zip(prompts, responses, out):
-        assert lp.dtype == torch.float32 and lp.shape == (len(r),)
+        assert lp.dtype == torch.float32 and lp.shape == (len(r),) and not lp.is_inference()
         if not r:
             continue
         assert (lp.double() - reference(model.hf, p, r, temperature)).abs().max().item() <= 1e-5
