@@ -16,11 +16,17 @@ Conventions shared by every function here (per row b, broadcast over any positio
   Log-probs are log_softmax(logits / T) of the unfiltered logits (T = 1 for greedy rows): the
       target policy at the sampling temperature, what the trainer recomputes.
 
-`speculative_verify` is the dispatcher the engine calls; it runs the reference below on every
-device for now (a Triton kernel will join behind it with the same contract).
+`speculative_verify` is the dispatcher the engine calls: the fused Triton kernels of
+kernels/triton_sampling.py on CUDA tensors (when triton is installed), the plain-PyTorch
+reference `speculative_verify_reference` (or `greedy_verify_reference`) elsewhere. The
+environment variable MIMO_SAMPLING_BACKEND=torch|triton (or the `backend` argument) forces one;
+the Triton backend on CPU tensors needs TRITON_INTERPRET=1 set before triton is first imported.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 
@@ -164,6 +170,7 @@ def speculative_verify(
     uniforms: torch.Tensor | None,
     *,
     greedy: bool = False,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Verify K drafted tokens per row against the target and emit 1..K+1 tokens per row.
 
@@ -191,11 +198,33 @@ def speculative_verify(
     greedy=True promises temperature == 0 on every row (draft_probs and uniforms may then be
     None): the same outputs, computed from argmaxes only.
     No host synchronisation.
+    backend: "auto" (default: Triton on CUDA tensors when triton is installed, the reference
+    elsewhere), "torch" (alias "reference") or "triton"; None reads MIMO_SAMPLING_BACKEND, then
+    falls back to "auto". The kernels use the same uniforms, so on the same inputs they return
+    the reference's tokens and n_accepted (up to float rounding at a decision boundary, see
+    kernels/triton_sampling.py) and its log-probs to 1e-5.
     """
+    backend = backend or os.environ.get("MIMO_SAMPLING_BACKEND") or "auto"
+    if backend not in SAMPLING_BACKENDS:
+        raise ValueError(f"sampling backend must be one of {SAMPLING_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if target_logits.is_cuda and _HAS_TRITON else "torch"
+    if backend == "triton":
+        from mimo_train.kernels import triton_sampling
+
+        if not target_logits.is_cuda and type(triton_sampling._emit_kernel).__name__ != "InterpretedFunction":
+            raise RuntimeError("the Triton sampling kernels got CPU tensors but were compiled for a GPU; set "
+                               "TRITON_INTERPRET=1 before triton is first imported")
+        return triton_sampling.speculative_verify_triton(target_logits, draft_tokens, draft_probs, temperature,
+                                                         top_k, top_p, uniforms, greedy=greedy)
     if greedy:
         return greedy_verify_reference(target_logits, draft_tokens, temperature)
     return speculative_verify_reference(target_logits, draft_tokens, draft_probs, temperature, top_k, top_p,
                                         uniforms)
+
+
+SAMPLING_BACKENDS = ("auto", "torch", "reference", "triton")
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 __all__ = ["filter_logits", "probabilities", "draw", "sample", "target_logprobs", "speculative_verify",

@@ -1,6 +1,7 @@
-"""Benchmark the attention kernels at MiMo-V2-Flash shapes; prints one JSON document.
+"""Benchmark the attention and sampling kernels at MiMo-V2-Flash shapes; prints one JSON document.
 
     python tools/bench_kernels.py [--seq 8192] [--batch 32] [--context 16384] [--drafts 3]
+                                  [--sampling-batches 1,4,16,64] [--vocab 152576]
 
 Each kernel is timed against its torch reference (`attention_reference`, torch eager) and
 against `torch.nn.functional.scaled_dot_product_attention` (which has no sinks: it gets the
@@ -11,7 +12,13 @@ forward + backward, in TFLOP/s over the (query, key) pairs the mask lets through
 verify attention: --batch sequences of --drafts + 1 query tokens each, against a full cache of
 up to --context tokens (global layer, sequence lengths spread over the lower half) or a ring
 buffer of window + drafts + 1 slots (window layer); in GB/s of cache, queries and output
-moved, and as a share of the GPU's peak memory bandwidth where it is known.
+moved, and as a share of the GPU's peak memory bandwidth where it is known. Speculative
+verification + sampling (`speculative_verify`, kernels/triton_sampling.py against the torch
+reference): fp32 target logits [batch, --drafts + 1, --vocab] and draft distributions
+[batch, --drafts, --vocab], for each of --sampling-batches and three modes: plain (T = 1),
+filtered (T = 0.7, top-k 50, top-p 0.9: the in-kernel threshold search) and greedy (argmax
+path); in GB/s of logits and draft distributions read once, and the share of rows whose tokens
+differ from the reference's (float rounding at a decision boundary only, so ~0).
 
 Without a CUDA GPU nothing is timed: the JSON says so (gpu: false) and lists the planned cases.
 --smoke runs the same code on tiny shapes, on CPU under TRITON_INTERPRET=1 where there is no
@@ -33,9 +40,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mimo_train.kernels.attention import attention, attention_reference  # noqa: E402
+from mimo_train.kernels.sampling import sample, speculative_verify  # noqa: E402
 
-MIMO = dict(heads=64, dk=192, dv=128, window=128, kv_heads={"global": 4, "swa": 8})
-SMOKE = dict(heads=2, dk=24, dv=16, window=5, kv_heads={"global": 1, "swa": 2})
+MIMO = dict(heads=64, dk=192, dv=128, window=128, kv_heads={"global": 4, "swa": 8}, vocab=152576)
+SMOKE = dict(heads=2, dk=24, dv=16, window=5, kv_heads={"global": 1, "swa": 2}, vocab=100)
+SAMPLING_MODES = {"plain": dict(temperature=1.0, top_k=None, top_p=None),
+                  "filtered": dict(temperature=0.7, top_k=50, top_p=0.9),
+                  "greedy": dict(temperature=0.0, top_k=None, top_p=None)}
 DEVICE = "cuda"
 # Peak memory bandwidth in GB/s by device-name fragment, most specific first.
 PEAK_GBS = [("H200", 4800), ("H100 NVL", 3900), ("H100 PCIe", 2000), ("H100", 3350),
@@ -236,6 +247,47 @@ def bench_decode(case: dict, peak_gbs: float | None) -> dict:
     return result
 
 
+def sampling_case(vocab: int, batch: int, drafts: int, mode: str) -> dict:
+    return dict(kind="speculative_sampling", mode=mode, batch=batch, drafts=drafts, vocab=vocab, dtype="float32",
+                **SAMPLING_MODES[mode])
+
+
+def bench_sampling(case: dict, peak_gbs: float | None) -> dict:
+    dev = DEVICE
+    b, k, vocab, mode = case["batch"], case["drafts"], case["vocab"], case["mode"]
+    gen = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(b, k + 1, vocab, generator=gen)).to(dev)
+    temperature = torch.full((b,), case["temperature"], device=dev)
+    top_k = torch.full((b,), case["top_k"], device=dev) if case["top_k"] else None
+    top_p = torch.full((b,), case["top_p"], device=dev) if case["top_p"] else None
+    u = torch.rand(b, k + 1, generator=gen).to(dev)
+    greedy = mode == "greedy"
+    # A drafter close to the target, so that rows accept different numbers of drafts.
+    draft_logits = logits[:, :k] + torch.randn(b, k, vocab, generator=gen).to(dev)
+    drafts, q = sample(draft_logits, temperature, top_k, top_p, torch.rand(b, k, generator=gen).to(dev))
+    args = (logits, drafts, None if greedy else q, temperature, top_k, top_p, None if greedy else u)
+    moved = logits.numel() * 4 + (0 if greedy else q.numel() * 4)
+    fns = dict(triton=lambda: speculative_verify(*args, greedy=greedy, backend="triton"),
+               torch_eager_reference=lambda: speculative_verify(*args, greedy=greedy, backend="torch"))
+    out, ref = fns["triton"](), fns["torch_eager_reference"]()
+    differ = ((out[0] != ref[0]) | (out[1] != ref[1]).any(-1)).float().mean().item()
+    same = out[1] == ref[1]
+    lp_err = (out[2] - ref[2])[same & (ref[1] >= 0)].abs().max().item() if same.any() else 0.0
+    result = dict(case, bytes_moved=moved, mean_accepted=ref[0].float().mean().item(),
+                  check=dict(rows_differing=differ, max_abs_err_logprobs=lp_err))
+    for name, fn in fns.items():
+        t = timed(fn)
+        if "ms" in t:
+            t["gbs"] = moved / t["ms"] / 1e6
+            if peak_gbs:
+                t["pct_of_peak_bandwidth"] = 100 * t["gbs"] / peak_gbs
+        result[name] = t
+    a, b = result["triton"], result["torch_eager_reference"]
+    if "ms" in a and "ms" in b:
+        a["speedup_vs_torch_eager_reference"] = b["ms"] / a["ms"]
+    return result
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq", type=int, default=8192, help="training tokens (one packed row)")
@@ -243,14 +295,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=32, help="decode: sequences")
     parser.add_argument("--context", type=int, default=16384, help="decode: longest context (global layer cache)")
     parser.add_argument("--drafts", type=int, default=3, help="decode: K drafted tokens (K + 1 queries)")
+    parser.add_argument("--sampling-batches", default="1,4,16,64", help="sampling: batch sizes, comma-separated")
+    parser.add_argument("--vocab", type=int, default=None, help="sampling: vocabulary (default MiMo-V2-Flash's)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, any device: tests this tool")
     args = parser.parse_args(argv)
     shape = SMOKE if args.smoke else MIMO
     if args.smoke:
-        args.seq, args.batch, args.context = 21, 2, 24
+        args.seq, args.batch, args.context, args.sampling_batches = 21, 2, 24, "2"
     cases = [training_case(shape, layer, args.seq, args.segments) for layer in ("global", "swa")]
     cases += [decode_case(shape, layer, args.batch, args.context, d) for layer in ("global", "swa")
               for d in (0, args.drafts)]
+    cases += [sampling_case(args.vocab or shape["vocab"], int(b), args.drafts, mode)
+              for b in args.sampling_batches.split(",") for mode in SAMPLING_MODES]
     env = environment()
     if not env["gpu"] and not args.smoke:
         return dict(gpu=False, message=(
@@ -261,8 +317,9 @@ def main(argv=None) -> dict:
     DEVICE = "cuda" if env["gpu"] else "cpu"
     report = dict(gpu=env["gpu"], smoke=args.smoke, environment=env, cases=cases)
     peak = env.get("peak_gbs")
-    report["results"] = [bench_training(c) if c["kind"] == "training_attention" else bench_decode(c, peak)
-                         for c in cases]
+    bench = dict(training_attention=bench_training, decode_attention=lambda c: bench_decode(c, peak),
+                 speculative_sampling=lambda c: bench_sampling(c, peak))
+    report["results"] = [bench[c["kind"]](c) for c in cases]
     return report
 
 

@@ -22,10 +22,15 @@ def test_without_a_gpu_it_says_so():
     report = json.loads(proc.stdout)
     assert report["gpu"] is False and report["results"] == []
     assert report["message"].startswith("No CUDA GPU present")
-    kinds = {(c["kind"], c["layer"]) for c in report["cases"]}
+    attn = [c for c in report["cases"] if c["kind"] != "speculative_sampling"]
+    kinds = {(c["kind"], c["layer"]) for c in attn}
     assert kinds == {(k, layer) for k in ("training_attention", "decode_attention") for layer in ("global", "swa")}
     training = [c for c in report["cases"] if c["kind"] == "training_attention"]
     assert all(c["heads"] == 64 and c["dk"] == 192 and c["dv"] == 128 and c["tokens"] == 8192 for c in training)
+    sampling = [c for c in report["cases"] if c["kind"] == "speculative_sampling"]
+    assert {(c["batch"], c["mode"]) for c in sampling} == {(b, m) for b in (1, 4, 16, 64)
+                                                           for m in ("plain", "filtered", "greedy")}
+    assert all(c["vocab"] == 152576 and c["drafts"] == 3 for c in sampling)
 
 
 def test_smoke_run_checks_the_kernels():
@@ -35,7 +40,7 @@ def test_smoke_run_checks_the_kernels():
     spec.loader.exec_module(bench)
     report = bench.main(["--smoke"])
     json.dumps(report)  # serialisable
-    assert len(report["results"]) == 6
+    assert len(report["results"]) == 9  # 2 training, 4 decode, 3 sampling cases
     for result in report["results"]:
         assert max(result["check"].values()) <= 2e-2
         triton = result["triton"]

@@ -16,7 +16,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from mimo_train.kernels import triton_attention, triton_decode  # noqa: E402
+from mimo_train.kernels import triton_attention, triton_decode, triton_sampling  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 H100 = GPUTarget("cuda", 90, 32)
@@ -26,10 +26,13 @@ POINTERS = {"Q": "bf16", "K": "bf16", "V": "bf16", "O": "bf16", "DO": "bf16", "D
             "ACC_PART": "fp32", "QPOS": "i64", "KPOS": "i64", "QSEG": "i64", "KSEG": "i64",
             "KV_LO": "i32", "KV_HI": "i32", "Q_LO": "i32", "Q_HI": "i32"}
 FLOATS = {"qk_scale", "scale"}
+SAMPLING_POINTERS = {"LOGITS": "fp32", "TEMP": "fp32", "TOPK": "i64", "TOPP": "fp32", "DRAFTS": "i64", "Q": "fp32",
+                     "U": "fp32", "M": "fp32", "LOGZ": "fp32", "ZK": "fp32", "THR": "i32", "AMAX": "i32",
+                     "ACC": "i32", "N_ACC": "i64", "TOKENS": "i64", "LOGPROBS": "fp32"}
 
 
-def compile_for_h100(kernel, constants: dict, launch: dict):
-    signature = {name: "constexpr" if name in constants else f"*{POINTERS[name]}" if name in POINTERS
+def compile_for_h100(kernel, constants: dict, launch: dict, pointers: dict = POINTERS):
+    signature = {name: "constexpr" if name in constants else f"*{pointers[name]}" if name in pointers
                  else "fp32" if name in FLOATS else "i32" for name in kernel.arg_names}
     compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants), target=H100, options=launch)
     assert compiled.asm.get("cubin"), "no machine code"
@@ -57,3 +60,14 @@ def test_decode_kernels_compile(layer):
     if layer == "swa":
         merge = dict(DV=128, BLOCK_M=consts["BLOCK_M"], BLOCK_DV=consts["BLOCK_DV"], HAS_SINK=True)
         compile_for_h100(triton_decode._merge_kernel, merge, {})
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_sampling_kernels_compile(greedy):
+    """Speculative verification at the vocabulary block and launch options used on a GPU."""
+    cuda = torch.device("cuda")
+    block, launch = triton_sampling.default_block_v(cuda), triton_sampling.launch_options(cuda)
+    position = dict(HAS_TOPK=not greedy, HAS_TOPP=not greedy, GREEDY=greedy, BLOCK_V=block, NP=triton_sampling.N_PIVOTS)
+    compile_for_h100(triton_sampling._position_kernel, position, launch, SAMPLING_POINTERS)
+    compile_for_h100(triton_sampling._emit_kernel, dict(GREEDY=greedy, BLOCK_V=block, BLOCK_K=4), launch,
+                     SAMPLING_POINTERS)

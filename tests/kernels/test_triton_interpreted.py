@@ -18,7 +18,8 @@ from tests.kernels.attention_utils import interpreter_active
 
 ROOT = Path(__file__).parents[2]
 KERNEL_TESTS = ["test_triton_attention.py", "test_triton_decode.py", "test_attention_dispatch.py",
-                "test_model_on_kernels.py", "test_bench_kernels.py::test_smoke_run_checks_the_kernels"]
+                "test_model_on_kernels.py", "test_triton_sampling.py",
+                "test_bench_kernels.py::test_smoke_run_checks_the_kernels"]
 
 
 def test_kernel_tests_under_the_interpreter():
