@@ -77,6 +77,31 @@ def attention_reference(
     return out.to(v.dtype), lse
 
 
+# A packed row longer than this is attended block by block on the reference path (below).
+PACKED_BLOCK = 128
+
+
+def attention_reference_packed(q, k, v, *, block: int = PACKED_BLOCK, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention_reference` for one packed row (b = 1, queries = keys, segment ids given),
+    computed per block of `block` queries against the keys from the start of the first
+    query's segment: the same result, without the [T, T] score matrix of the whole row (a
+    micro-batch of m samples of S tokens costs O(m S (S + block)) instead of O((m S)^2))."""
+    seg = kwargs["q_seg"][0]
+    n = seg.shape[0]
+    change = torch.ones(n, dtype=torch.bool, device=seg.device)
+    change[1:] = seg[1:] != seg[:-1]
+    first = torch.where(change, torch.arange(n, device=seg.device), 0).cummax(0).values.tolist()
+    outs, lses = [], []
+    for a in range(0, n, block):
+        b, lo = min(a + block, n), first[a]
+        part = {key: (val[:, a:b] if key in ("q_pos", "q_seg") else val[:, lo:b] if key in ("k_pos", "k_seg") else val)
+                for key, val in kwargs.items()}
+        out, lse = attention_reference(q[:, a:b], k[:, lo:b], v[:, lo:b], **part)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, 1), torch.cat(lses, 2)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -103,6 +128,9 @@ def attention(
     if backend == "auto":
         backend = "triton" if q.is_cuda else "reference"
     if backend == "reference":
+        packed = q_seg is not None and q.shape[0] == 1 and q.shape[1] == k.shape[1] > 2 * PACKED_BLOCK
+        if packed and torch.equal(q_pos, k_pos) and torch.equal(q_seg, k_seg):
+            return attention_reference_packed(q, k, v, **kwargs)
         return attention_reference(q, k, v, **kwargs)
 
     from mimo_train.kernels import triton_attention, triton_decode

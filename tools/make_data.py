@@ -28,7 +28,7 @@ def rows_for(kind: str, rows: list[dict]) -> list[dict]:
 
 
 def make(out: str | Path, kind: str = "pretrain", domains: list[str] | None = None, n: int = 2000,
-         n_eval: int = 100, seed: int = 0) -> dict:
+         n_eval: int = 100, seed: int = 0, level: str = "standard") -> dict:
     """Write the files; returns a summary (also printed by the command line)."""
     domains = domains or sorted(DOMAINS)
     unknown = sorted(set(domains) - set(DOMAINS))
@@ -39,7 +39,7 @@ def make(out: str | Path, kind: str = "pretrain", domains: list[str] | None = No
     out = Path(out)
     train, held_out = [], []
     for domain in domains:
-        rows = generate(domain, n + n_eval, seed)
+        rows = generate(domain, n + n_eval, seed, level)
         train += rows[:n]
         seen = {r["prompt"] for r in rows[:n]}
         # Held-out prompts must not appear in training: the eval then measures generalisation.
@@ -50,7 +50,7 @@ def make(out: str | Path, kind: str = "pretrain", domains: list[str] | None = No
     write_jsonl(rows_for(kind, train), out / "train.jsonl")
     write_jsonl(rows_for(kind, held_out), out / "eval" / "eval.jsonl")
     build_tokenizer(out / "tokenizer")
-    return {"out": str(out), "kind": kind, "domains": domains, "train": str(out / "train.jsonl"),
+    return {"out": str(out), "kind": kind, "level": level, "domains": domains, "train": str(out / "train.jsonl"),
             "eval": str(out / "eval" / "eval.jsonl"), "tokenizer": str(out / "tokenizer"),
             "train_rows": len(train), "eval_rows": len(held_out)}
 
@@ -63,8 +63,10 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--n", type=int, default=2000, help="training rows per domain")
     parser.add_argument("--n-eval", type=int, default=100, help="held-out rows per domain (before de-duplication)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--level", default="standard", choices=["standard", "easy"],
+                        help="operand sizes: standard (1-3 digits, 3-6 letters) or easy (1-2 digits, 3 letters)")
     args = parser.parse_args(argv)
-    summary = make(args.out, args.kind, [d for d in args.domains.split(",") if d], args.n, args.n_eval, args.seed)
+    summary = make(args.out, args.kind, [d for d in args.domains.split(",") if d], args.n, args.n_eval, args.seed, args.level)
     print(json.dumps(summary))
     return summary
 

@@ -18,9 +18,14 @@ Row = dict[str, str]
 class TaskFamily(Protocol):
     name: str
 
-    def make(self, rng: random.Random) -> Row: ...
+    def make(self, rng: random.Random, level: str = "standard") -> Row: ...
 
     def check(self, prompt: str, response: str) -> bool: ...
+
+
+# Operand sizes per level. The checkers recompute answers from the prompt, so they accept any
+# level; `easy` is what a small model learns in minutes on 2 CPU cores (the demo).
+LEVELS = {"standard": {"digits": (1, 3), "letters": (3, 6)}, "easy": {"digits": (1, 2), "letters": (3, 3)}}
 
 
 def _letters(rng: random.Random, low: int = 3, high: int = 6) -> str:
@@ -40,9 +45,10 @@ class Arithmetic:
 
     name = "arithmetic"
 
-    def make(self, rng: random.Random) -> Row:
-        a = rng.randint(0, 10 ** rng.randint(1, 3) - 1)
-        b = rng.randint(0, 10 ** rng.randint(1, 3) - 1)
+    def make(self, rng: random.Random, level: str = "standard") -> Row:
+        low, high = LEVELS[level]["digits"]
+        a = rng.randint(0, 10 ** rng.randint(low, high) - 1)
+        b = rng.randint(0, 10 ** rng.randint(low, high) - 1)
         op = rng.choice("+-")
         if op == "-" and b > a:
             a, b = b, a  # keep the result non-negative so answers are digit strings only
@@ -70,8 +76,8 @@ class LetterTask:
     def __init__(self, name: str, prefix: str, transform):
         self.name, self.prefix, self.transform = name, prefix, transform
 
-    def make(self, rng: random.Random) -> Row:
-        prompt = f"{self.prefix}{_letters(rng)}="
+    def make(self, rng: random.Random, level: str = "standard") -> Row:
+        prompt = f"{self.prefix}{_letters(rng, *LEVELS[level]['letters'])}="
         return {"domain": self.name, "prompt": prompt, "answer": self.solve(prompt)}
 
     def solve(self, prompt: str) -> str:
@@ -98,11 +104,13 @@ def family(domain: str) -> TaskFamily:
         raise ValueError(f"unknown domain {domain!r}; known domains: {', '.join(sorted(DOMAINS))}") from None
 
 
-def generate(domain: str, n: int, seed: int) -> list[Row]:
+def generate(domain: str, n: int, seed: int, level: str = "standard") -> list[Row]:
     """`n` rows of one domain; a private Random keeps the rows a function of the seed alone."""
+    if level not in LEVELS:
+        raise ValueError(f"unknown level {level!r}; levels: {', '.join(LEVELS)}")
     task = family(domain)
     rng = random.Random(f"{domain}:{seed}")  # the domain in the seed keeps families from sharing a stream
-    return [task.make(rng) for _ in range(n)]
+    return [task.make(rng, level) for _ in range(n)]
 
 
 def write_jsonl(rows: list[Row], path: str | Path) -> Path:

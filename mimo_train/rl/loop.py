@@ -87,7 +87,7 @@ def check_teachers_on_resume(config: RunConfig) -> None:
 class Rollout:
     """Rank 0's side: the engine, the teachers, rewards and advantages."""
 
-    def __init__(self, config: RunConfig, weights: dict, tokenizer, prompts: PromptSet):
+    def __init__(self, config: RunConfig, weights: dict, tokenizer, prompts: PromptSet, teachers: dict):
         from mimo_train.rollout.api import SamplingParams
         from mimo_train.rollout.engine import Engine, EngineConfig
 
@@ -101,27 +101,8 @@ class Rollout:
         self.params = lambda seed: SamplingParams(  # noqa: E731
             temperature=rl.temperature, top_p=rl.top_p, max_new_tokens=rl.max_new_tokens,
             stop_token_ids=(self.eos,), n=rl.group_size, seed=seed, return_routed_experts=True)
-        self.teachers = self._teachers() if rl.algorithm == "mopd" else {}
-        self.reference = None
-        if rl.algorithm == "grpo" and rl.kl_coef > 0:
-            from mimo_train.rl.teachers import TeacherSpec, make_teacher
-
-            ref = rl.reference or config.checkpoint.load
-            if not ref:
-                raise ValueError("rl.kl_coef > 0 needs a reference: set rl.reference or checkpoint.load")
-            self.reference = make_teacher(TeacherSpec("reference", "*", str(ref)))
-
-    def _teachers(self) -> dict:
-        from mimo_train.rl.teachers import TeacherSpec, check_compatible, check_domains, make_teacher
-
-        rl = self.rl
-        teachers = {t.domain: make_teacher(TeacherSpec(t.name, t.domain, t.checkpoint, t.server),
-                                           timeout_s=rl.teacher_timeout_s, retries=rl.teacher_retries)
-                    if t.server else make_teacher(TeacherSpec(t.name, t.domain, t.checkpoint, t.server))
-                    for t in rl.teachers}
-        check_compatible(self.config.model.vocab_size, self.config.data.tokenizer, list(teachers.values()))
-        check_domains(self.prompts.domains, teachers)
-        return teachers
+        self.teachers = teachers.get("domains", {})
+        self.reference = teachers.get("reference")
 
     def sync(self, weights: dict, version: int) -> None:
         self.engine.update_weights(weights, version=version)
@@ -179,6 +160,28 @@ class Rollout:
         return metrics
 
 
+def load_teachers(config: RunConfig, prompts: PromptSet) -> dict:
+    """MOPD: the teacher of every domain the prompts hold, checked against the student's
+    vocabulary and tokenizer; GRPO with a KL penalty: the frozen reference. Loaded before the
+    trainer is built, so a wrong teacher costs seconds, not a model build."""
+    from mimo_train.rl.teachers import TeacherSpec, check_compatible, check_domains, make_teacher
+
+    rl, out = config.rl, {}
+    if rl.algorithm == "mopd":
+        teachers = {t.domain: make_teacher(TeacherSpec(t.name, t.domain, t.checkpoint, t.server),
+                                           timeout_s=rl.teacher_timeout_s, retries=rl.teacher_retries)
+                    for t in rl.teachers}
+        check_compatible(config.model.vocab_size, config.data.tokenizer, list(teachers.values()))
+        check_domains(prompts.domains, teachers)
+        out["domains"] = teachers
+    if rl.algorithm == "grpo" and rl.kl_coef > 0:
+        ref = rl.reference or config.checkpoint.load
+        if not ref:
+            raise ValueError("rl.kl_coef > 0 needs a reference: set rl.reference or checkpoint.load")
+        out["reference"] = make_teacher(TeacherSpec("reference", "*", str(ref)))
+    return out
+
+
 def run_rl(config: RunConfig, layout: Layout) -> dict:
     init_distributed(layout.tp, layout.pp, layout.ep, layout.vpp, seed=config.train.seed)
     rank0 = dist.get_rank() == 0
@@ -186,10 +189,11 @@ def run_rl(config: RunConfig, layout: Layout) -> dict:
     check_teachers_on_resume(config)
     prompts = PromptSet(rl.prompts, rl.domains, config.train.seed)
     tokenizer = load_tokenizer(config.data.tokenizer)
+    teachers = load_teachers(config, prompts) if rank0 else {}
     trainer = RLTrainer(config, layout, rl)
     resumed = resume(trainer, prompts, config, layout)
     weights = gather_serving_weights(trainer.model, config.model)
-    rollout = Rollout(config, weights, tokenizer, prompts) if rank0 else None
+    rollout = Rollout(config, weights, tokenizer, prompts, teachers) if rank0 else None
     del weights
     tracker = Tracker(config.run_dir, enabled=rank0, total_steps=config.train.steps, start_step=trainer.step,
                       config=config.to_dict(), wandb_project=config.logging.wandb_project,

@@ -1,5 +1,6 @@
 import pytest
 
+from mimo_train.run import main
 from tests.rl.rl_runs import init_args
 from tests.training.runs import ROOT, train
 
@@ -17,18 +18,18 @@ def rl_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def student_init(rl_data, tmp_path_factory):
+def student_init(rl_data, tmp_path_factory, megatron_single):
     run_dir = tmp_path_factory.mktemp("student")
-    train(init_args(rl_data, run_dir, seed=1))
+    assert main(init_args(rl_data, run_dir, seed=1)) == 0  # in this process: no start-up cost
     return run_dir / "checkpoints"
 
 
 @pytest.fixture(scope="session")
-def teacher_init(rl_data, tmp_path_factory):
+def teacher_init(rl_data, tmp_path_factory, megatron_single):
     """A different random model: its log-probs differ from the student's, so the distillation
-    advantage is far from zero."""
+    advantage is not zero."""
     run_dir = tmp_path_factory.mktemp("teacher")
-    train(init_args(rl_data, run_dir, seed=2))
+    assert main(init_args(rl_data, run_dir, seed=2)) == 0
     return run_dir / "checkpoints"
 
 

@@ -3,19 +3,28 @@ already saved is touched."""
 
 import json
 
+import pytest
+
+from mimo_train.run import main
 from tests.rl.rl_runs import init_args, mopd_args, teachers_override
-from tests.training.runs import launch, train
 
 
-def run_error(args) -> str:
-    code, out = launch(args)
-    assert code == 2, out[-3000:]
-    lines = [l for l in out.splitlines() if l.startswith("error:")]
-    assert len(lines) == 1, out[-3000:]
-    return lines[0]
+@pytest.fixture
+def run_error(capsys, megatron_single):
+    """Run in this process (the errors come before any training): exit code 2 and one line."""
+
+    def run(args) -> str:
+        code = main(args)
+        err = capsys.readouterr().err
+        assert code == 2, err[-3000:]
+        lines = [l for l in err.splitlines() if l.startswith("error:")]
+        assert len(lines) == 1, err[-3000:]
+        return lines[0]
+
+    return run
 
 
-def test_rows_without_a_domain(rl_data, student_init, teacher_init, tmp_path):
+def test_rows_without_a_domain(rl_data, student_init, teacher_init, tmp_path, run_error):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"domain": "sort", "prompt": "sort:cab="}) + "\n" + json.dumps({"prompt": "1+2="}) + "\n")
     args = mopd_args(rl_data, tmp_path / "run", student_init, teacher_init, f"rl.prompts={prompts}")
@@ -23,28 +32,28 @@ def test_rows_without_a_domain(rl_data, student_init, teacher_init, tmp_path):
     assert "domain" in message and "row 1" in message
 
 
-def test_a_domain_without_teacher(rl_data, student_init, teacher_init, tmp_path):
+def test_a_domain_without_teacher(rl_data, student_init, teacher_init, tmp_path, run_error):
     args = mopd_args(rl_data, tmp_path, student_init, teacher_init) + [teachers_override(teacher_init, ["sort"])]
     message = run_error(args)
     assert "arithmetic" in message and "reverse" in message
 
 
-def test_missing_teacher_checkpoint(rl_data, student_init, teacher_init, tmp_path):
+def test_missing_teacher_checkpoint(rl_data, student_init, teacher_init, tmp_path, run_error):
     missing = tmp_path / "nowhere"
     args = mopd_args(rl_data, tmp_path / "run", student_init, teacher_init) + [teachers_override(missing)]
     message = run_error(args)
     assert str(missing) in message and "t_" in message
 
 
-def test_teacher_with_another_vocabulary(rl_data, student_init, tmp_path):
+def test_teacher_with_another_vocabulary(rl_data, student_init, tmp_path, run_error):
     other = tmp_path / "other"
-    train(init_args(rl_data, other, seed=3) + ["model.vocab_size=96"])
+    assert main(init_args(rl_data, other, seed=3) + ["model.vocab_size=96"]) == 0
     args = mopd_args(rl_data, tmp_path / "run", student_init, other / "checkpoints")
     message = run_error(args)
     assert "96" in message and "vocab" in message
 
 
-def test_teacher_server_down_keeps_the_last_checkpoint(rl_data, student_init, teacher_init, mopd_reference, tmp_path):
+def test_teacher_server_down_keeps_the_last_checkpoint(rl_data, student_init, teacher_init, mopd_reference, tmp_path, run_error):
     import shutil
 
     shutil.copytree(mopd_reference / "checkpoints", tmp_path / "checkpoints")
@@ -60,7 +69,7 @@ def test_teacher_server_down_keeps_the_last_checkpoint(rl_data, student_init, te
     assert after == before
 
 
-def test_global_batch_must_match_the_rollout_batch(rl_data, student_init, teacher_init, tmp_path):
+def test_global_batch_must_match_the_rollout_batch(rl_data, student_init, teacher_init, tmp_path, run_error):
     args = mopd_args(rl_data, tmp_path, student_init, teacher_init, "train.global_batch=6", "train.micro_batch=1")
     message = run_error(args)
     assert "rl.prompts_per_step x rl.group_size" in message
