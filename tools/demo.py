@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DOMAINS = ["arithmetic", "reverse", "sort"]
-DEFAULTS = {"out": "runs/demo", "base_steps": "150", "teacher_steps": "30", "mopd_steps": "30", "seed": "0"}
+DEFAULTS = {"out": "runs/demo", "base_steps": "90", "teacher_steps": "15", "mopd_steps": "20", "seed": "0",
+            "level": "easy"}
 
 
 def _tool(name: str):
@@ -64,18 +65,20 @@ def main(argv: list[str]) -> dict:
     t_start = time.time()
     data = out / "data"
     if not (data / "train.jsonl").exists():
-        summary = _tool("make_data").make(data, kind="sft", domains=DOMAINS, n=3000, n_eval=100, seed=0)
+        summary = _tool("make_data").make(data, kind="sft", domains=DOMAINS, n=3000, n_eval=100, seed=0,
+                                          level=args["level"])
         console.print(f"data: {summary['train_rows']} rows of {', '.join(summary['domains'])} in {data}")
     common = ["model=small", f"data.path={data}/train.jsonl", f"data.tokenizer={data}/tokenizer",
               f"train.seed={args['seed']}", "logging.progress=true"]
-    rl_common = [*common, f"rl.prompts={data}/train.jsonl"]
+    rl_common = [*common, f"rl.prompts={data}/train.jsonl", "rl.max_new_tokens=8"]
     seconds, tokens = {}, {}
 
     base = out / "base"
     seconds["base"] = _run(console, "1. base model: SFT on every domain (main + 3 MTP depths)", [
-        "recipe=sft", *common, f"train.steps={args['base_steps']}", "train.global_batch=16", "train.micro_batch=8",
+        "recipe=sft", *common, f"train.steps={args['base_steps']}", "train.global_batch=32", "train.micro_batch=32",
         "data.seq_len=64", "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.warmup_steps=10", f"logging.run_dir={base}"])
     tokens["base"] = _tokens(base, "tokens")
+    console.print(depth_table(base, seconds["base"]))
 
     teachers = {}
     for d in DOMAINS:
@@ -113,6 +116,29 @@ def main(argv: list[str]) -> dict:
     console.print(report.read_text())
     console.print(f"[bold]demo done in {summary['total_seconds'] / 60:.1f} min[/]: report {report}")
     return summary
+
+
+def depth_table(run_dir: Path, seconds: float):
+    """Loss and top-1 accuracy of each depth (main predicts t+1, mtp_k predicts t+1+k) over the run."""
+    from rich.table import Table
+
+    from mimo_train.training.tracking import read_metrics
+
+    rows = read_metrics(run_dir)
+    depths = ["main"] + sorted({k.removeprefix("acc/") for r in rows for k in r if k.startswith("acc/mtp_")})
+    table = Table(title=f"base model, {rows[-1]['step']} steps in {seconds:.0f}s: per-depth loss and top-1 accuracy "
+                        "on answer tokens (main predicts t+1, mtp_k predicts t+1+k)")
+    table.add_column("step", justify="right")
+    for d in depths:
+        table.add_column(f"loss {d}", justify="right")
+    for d in depths:
+        table.add_column(f"acc {d}", justify="right")
+    last = rows[-1]["step"]
+    for row in rows:
+        if row["step"] in {1, last} or row["step"] % max(1, last // 6) == 0:
+            table.add_row(str(row["step"]), *[f"{row[f'loss/{d}']:.3f}" for d in depths],
+                          *[f"{row[f'acc/{d}']:.2f}" for d in depths])
+    return table
 
 
 def accept_lengths(export_dir: Path, data: Path, n: int = 32) -> dict:
