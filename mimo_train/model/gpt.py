@@ -57,8 +57,9 @@ def roll_left(tensor: torch.Tensor, packed_seq_params=None, cp_group=None) -> to
 
 
 class MiMoGPTModel(GPTModel):
-    # RL settings (mimo_train.rl.trainer sets them): the main depth's losses are taken at this
-    # sampling temperature, so that -loss is the policy's log-prob of what the engine sampled;
+    # RL settings (mimo_train.rl.trainer sets them): the main depth's logits (and so its losses)
+    # are taken at this sampling temperature, so that -loss is the policy's log-prob of what the
+    # engine sampled;
     # with `detach_mtp` the MTP depths learn on the same forward without moving the trunk, the
     # embedding or the output layer (their loss reaches only the MTP layers).
     logit_temperature: float = 1.0

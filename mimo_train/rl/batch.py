@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mimo_train.rl.loss import sequence_token_weights
+
 
 @dataclass
 class Sample:
@@ -43,7 +45,7 @@ def _sample_tensors(s: Sample, num_sequences: int) -> dict[str, torch.Tensor]:
     mask[start:] = 1.0
     out["loss_mask"] = mask
     # Per-sequence then per-batch mean: each response token counts 1 / (|y| * sequences).
-    out["token_weight"] = mask / (max(len(s.response), 1) * num_sequences)
+    out["token_weight"] = sequence_token_weights(mask[None], num_sequences)[0]
     out["outcome"] = mask * s.outcome_advantage
     for name in PER_TOKEN:
         values = getattr(s, name)
@@ -67,7 +69,7 @@ def padded_length(samples: list[Sample], micro_batch: int, multiple: int) -> int
 
 
 def micro_batches(samples: list[Sample], micro_batch: int, *, num_sequences: int, length: int,
-                  pad_id: int = 0) -> list[dict]:
+                  pad_id: int = 0, num_experts: int | None = None) -> list[dict]:
     """Pack consecutive groups of `micro_batch` samples, each into a [1, length] row."""
     out = []
     for i in range(0, len(samples), micro_batch):
@@ -87,9 +89,13 @@ def micro_batches(samples: list[Sample], micro_batch: int, *, num_sequences: int
             mb[key] = torch.cat([p[key] for p in parts] + [padding]).unsqueeze(0)
         if "routed" in parts[0]:
             r = parts[0]["routed"]
-            # Padding tokens need some experts to replay: the first k, never a loss token.
-            filler = torch.arange(r.shape[-1]).expand(pad, r.shape[1], r.shape[-1])
+            # Padding tokens need experts to replay: spread round-robin so that no expert's load
+            # (which the aux-loss-free bias reads) is inflated; `routed_valid` marks real tokens.
+            experts, k = num_experts or r.shape[-1], r.shape[-1]
+            filler = (torch.arange(pad * k) % experts).view(pad, 1, k).expand(pad, r.shape[1], k)
             mb["routed"] = torch.cat([p["routed"] for p in parts] + [filler]).unsqueeze(0)
+            mb["routed_valid"] = torch.cat([torch.ones(sum(lens), dtype=torch.bool),
+                                            torch.zeros(pad, dtype=torch.bool)]).unsqueeze(0)
         segments = lens + ([pad] if pad else [])
         cu = torch.zeros(len(segments) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(torch.tensor(segments), 0).to(torch.int32)

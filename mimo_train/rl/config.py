@@ -33,7 +33,7 @@ class RLConfig:
     group_size: int = 4  # samples per prompt: the GRPO group
     max_new_tokens: int = 16
     temperature: float = 1.0
-    top_p: float = 1.0
+    top_p: float = 1.0  # must stay 1 (see validate)
     # GRPO: PPO-clipped ratio to the rollout policy, optional KL (k3) to a frozen reference.
     clip_low: float = 0.2
     clip_high: float = 0.2
@@ -50,7 +50,6 @@ class RLConfig:
     is_low: float = 0.5
     is_high: float = 2.0
     routing_replay: bool = True  # replay the engine's expert choices in the training forward
-    mtp_train: bool = True  # keep training the MTP layers on the samples (trunk detached)
     # Rollout engine.
     spec_depth: int | None = None  # MTP draft depth K; null: every MTP layer
     engine_max_batch: int = 32
@@ -61,7 +60,9 @@ class RLConfig:
         _need(self.prompts_per_step >= 1 and self.group_size >= 1, "rl.prompts_per_step and rl.group_size must be >= 1")
         _need(self.max_new_tokens >= 1, "rl.max_new_tokens must be >= 1")
         _need(self.temperature > 0, "rl.temperature must be > 0: on-policy RL samples (greedy has no log-probs to learn from)")
-        _need(0 < self.top_p <= 1, "rl.top_p must be in (0, 1]")
+        # The engine reports the untruncated log-softmax: with top-p the sampled distribution
+        # differs from it, and the importance weight pi_train / pi_rollout would be wrong.
+        _need(self.top_p == 1, "rl.top_p must be 1: RL needs the log-probs of the distribution it samples from")
         _need(self.clip_low >= 0 and self.clip_high >= 0 and self.kl_coef >= 0, "rl: clip_low, clip_high, kl_coef must be >= 0")
         _need(0 <= self.is_low <= 1 <= self.is_high, "rl: need 0 <= is_low <= 1 <= is_high")
         _need(self.spec_depth is None or self.spec_depth >= 0, "rl.spec_depth must be >= 0 or null")

@@ -61,24 +61,37 @@ class PromptSet:
         return {"seed": self.seed, "rows": len(self.rows)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("rows") not in (None, len(self.rows)):
+        if state.get("rows") not in (None, len(self.rows)) or state.get("seed") not in (None, self.seed):
             raise checkpoint.CheckpointError(
-                f"rl.prompts now has {len(self.rows)} rows, the checkpoint was trained on {state['rows']}: "
-                "resume with the same prompts")
+                f"rl.prompts / train.seed now give {len(self.rows)} rows and seed {self.seed}; the checkpoint was "
+                f"trained on {state.get('rows')} rows with seed {state.get('seed')}: resume with the same prompts and seed")
+
+    def longest(self, tokenizer) -> int:
+        return max(len(prompt_ids(tokenizer, p)) for _, p in self.rows)
 
 
 def teacher_set(config: RunConfig) -> list[dict]:
     return [dataclasses.asdict(t) for t in config.rl.teachers] if config.rl.algorithm == "mopd" else []
 
 
-def check_teachers_on_resume(config: RunConfig) -> None:
+def _teacher_key(t: dict) -> tuple:
+    return (t["domain"], t["name"], str(Path(t["checkpoint"]).resolve()))
+
+
+def check_resume(config: RunConfig) -> None:
+    """The checkpoint to resume must be this recipe's, with the same teachers (by domain, name
+    and resolved checkpoint path)."""
     path = checkpoint.latest(config.checkpoint_dir) if config.checkpoint.resume else None
     if path is None:
         return
-    saved = checkpoint.read_state(path).get("teachers")
-    mine = [{k: t[k] for k in ("name", "domain", "checkpoint")} for t in teacher_set(config)]
-    theirs = [{k: t[k] for k in ("name", "domain", "checkpoint")} for t in saved or []]
-    if saved is not None and theirs != mine:
+    state = checkpoint.read_state(path)
+    if state.get("recipe") != config.recipe:
+        raise checkpoint.CheckpointError(
+            f"{path} was saved by recipe {state.get('recipe')!r}, not {config.recipe!r}: start from it with "
+            "checkpoint.load=... and a new checkpoint.dir / logging.run_dir")
+    mine = sorted(_teacher_key(t) for t in teacher_set(config))
+    theirs = sorted(_teacher_key(t) for t in state.get("teachers") or [])
+    if theirs != mine:
         raise checkpoint.CheckpointError(
             f"{path} was trained with teachers {theirs}; this run declares {mine}. Resume with the same "
             "rl.teachers, or start a new run (checkpoint.dir / logging.run_dir)")
@@ -87,16 +100,21 @@ def check_teachers_on_resume(config: RunConfig) -> None:
 class Rollout:
     """Rank 0's side: the engine, the teachers, rewards and advantages."""
 
-    def __init__(self, config: RunConfig, weights: dict, tokenizer, prompts: PromptSet, teachers: dict):
+    def __init__(self, config: RunConfig, weights: dict, tokenizer, prompts: PromptSet, teachers: dict, version: int):
         from mimo_train.rollout.api import SamplingParams
         from mimo_train.rollout.engine import Engine, EngineConfig
 
         rl, model = config.rl, config.model
         self.config, self.rl, self.tokenizer, self.prompts = config, rl, tokenizer, prompts
         self.eos = tokenizer.eos_token_id
+        # Sized for the longest prompt of the set: no request can outgrow the cache mid-run.
+        max_len = prompts.longest(tokenizer) + rl.max_new_tokens + 1
+        if max_len > model.max_position_embeddings:
+            raise ValueError(f"the longest RL prompt + rl.max_new_tokens = {max_len} tokens exceeds the model's "
+                             f"max_position_embeddings={model.max_position_embeddings}: shorten the prompts or max_new_tokens")
         self.engine = Engine(model, weights, EngineConfig(
-            max_batch=min(rl.engine_max_batch, rl.prompts_per_step * rl.group_size),
-            max_len=min(model.max_position_embeddings, 256 + rl.max_new_tokens), seed=config.train.seed))
+            max_batch=min(rl.engine_max_batch, rl.prompts_per_step * rl.group_size), max_len=max_len,
+            seed=config.train.seed), version=version)
         self.engine.fixed_depth = rl.spec_depth
         self.params = lambda seed: SamplingParams(  # noqa: E731
             temperature=rl.temperature, top_p=rl.top_p, max_new_tokens=rl.max_new_tokens,
@@ -157,7 +175,32 @@ class Rollout:
                 gap += sum(r - t for r, t in zip(s.rollout_logprobs, s.teacher_logprobs))
                 tokens += len(s.response)
             metrics[f"teacher_kl/{domain}"] = gap / max(tokens, 1)  # E_student[log mu - log pi_teacher] per token
+        unscored = [s.domain for s in samples if self.rl.algorithm == "mopd" and s.teacher_logprobs is None]
+        if unscored:  # zeros would read as a teacher certain of nothing: a silent, wrong advantage
+            raise ValueError(f"MOPD: no teacher scored samples of domain(s) {sorted(set(unscored))}")
         return metrics
+
+
+def _on_rank0(work, *, share: bool = True):
+    """Run `work` on rank 0; with `share` every rank gets its result (other ranks get None
+    otherwise). An error on rank 0 is raised on every rank, with rank 0's message, so no rank
+    is left waiting in a collective for a rank that has gone."""
+    if dist.get_world_size() == 1:
+        return work()
+    result, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = work()
+        except Exception as err:  # raised below, after every rank has heard of it
+            error = err
+    box = [(f"{type(error).__name__}: {error}" if error else None, result if share and not error else None)]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    message, shared = box[0]
+    if message is not None:
+        raise RuntimeError(f"rank 0 failed: {message}")
+    return result if dist.get_rank() == 0 else shared
 
 
 def load_teachers(config: RunConfig, prompts: PromptSet) -> dict:
@@ -186,14 +229,14 @@ def run_rl(config: RunConfig, layout: Layout) -> dict:
     init_distributed(layout.tp, layout.pp, layout.ep, layout.vpp, seed=config.train.seed)
     rank0 = dist.get_rank() == 0
     rl = config.rl
-    check_teachers_on_resume(config)
+    check_resume(config)
     prompts = PromptSet(rl.prompts, rl.domains, config.train.seed)
     tokenizer = load_tokenizer(config.data.tokenizer)
-    teachers = load_teachers(config, prompts) if rank0 else {}
+    teachers = _on_rank0(lambda: load_teachers(config, prompts), share=False) or {}
     trainer = RLTrainer(config, layout, rl)
     resumed = resume(trainer, prompts, config, layout)
     weights = gather_serving_weights(trainer.model, config.model)
-    rollout = Rollout(config, weights, tokenizer, prompts, teachers) if rank0 else None
+    rollout = _on_rank0(lambda: Rollout(config, weights, tokenizer, prompts, teachers, trainer.step), share=False)
     del weights
     tracker = Tracker(config.run_dir, enabled=rank0, total_steps=config.train.steps, start_step=trainer.step,
                       config=config.to_dict(), wandb_project=config.logging.wandb_project,
@@ -217,21 +260,22 @@ def run_rl(config: RunConfig, layout: Layout) -> dict:
     try:
         stop_at = config.train.stop_at
         last = config.train.steps if stop_at is None else min(config.train.steps, stop_at)
-        while trainer.step < last and not stop.requested:
+        while trainer.step < last:
             t0 = time.time()
-            box = [rollout.collect(trainer.step) if rank0 else None]
-            dist.broadcast_object_list(box, src=0)
-            samples, rollout_metrics = box[0]
+            # Rank 0's stop signal decides for every rank, so all ranks leave the loop together.
+            collected = _on_rank0(lambda: None if stop.requested else rollout.collect(trainer.step))
+            if collected is None:
+                break
+            samples, rollout_metrics = collected
             per_rank = len(samples) // dp
             mine = samples[dp_rank * per_rank:(dp_rank + 1) * per_rank]
             length = rl_batch.padded_length(samples, config.train.micro_batch, multiple)
             mbs = rl_batch.micro_batches(mine, config.train.micro_batch, num_sequences=len(samples), length=length,
-                                         pad_id=tokenizer.pad_token_id or 0)
+                                         pad_id=tokenizer.pad_token_id or 0, num_experts=config.model.n_routed_experts)
             result = trainer.train_rl_step(mbs)
             t1 = time.time()
             weights = gather_serving_weights(trainer.model, config.model)
-            if rank0:
-                rollout.sync(weights, trainer.step)
+            _on_rank0(lambda: rollout.sync(weights, trainer.step), share=False)
             del weights
             metrics = {**rollout_metrics, **result.metrics, "time/sync": time.time() - t1,
                        "time/step": time.time() - t0,

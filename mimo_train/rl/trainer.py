@@ -25,7 +25,7 @@ from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
 from mimo_train.model.gpt import MiMoOutput
 from mimo_train.rl.config import RLConfig
-from mimo_train.rl.loss import policy_loss
+from mimo_train.rl.loss import distill_advantages, policy_loss
 from mimo_train.training.trainer import StepResult, Trainer, packed_params
 
 LOSS_SUMS = ("tokens", "is_masked", "clipped", "ratio", "advantage", "advantage_sq", "kl")
@@ -37,8 +37,6 @@ class RLTrainer(Trainer):
     def __init__(self, config, layout, rl: RLConfig):
         self.rl = rl
         super().__init__(config, layout)
-        if not rl.mtp_train:
-            self.weights = [1.0] + [0.0] * (len(self.weights) - 1)
         self.routers: list[tuple[int, TopKRouter]] = []
         moe_layers = [i for i in range(config.model.num_hidden_layers) if config.model.is_moe(i)]
         for chunk in self.model:
@@ -48,20 +46,21 @@ class RLTrainer(Trainer):
                 if isinstance(module, TopKRouter):
                     self.routers.append((moe_layers.index(module.layer_number - 1), module))
                     module.register_forward_hook(self._compare_routing)
-        self._disagree = torch.zeros(2, dtype=torch.float64)  # (tokens x k compared, experts differing)
+        self._disagree = torch.zeros(2, dtype=torch.float64, device=self.device)  # (token-experts compared, differing)
 
     def _replay(self, mb: dict) -> None:
         """Give every local router its tokens' engine-chosen experts (this TP rank's slice of
         the sequence under sequence parallel), to replay or to compare with."""
-        routed = mb.get("routed")
+        routed, valid = mb.get("routed"), mb.get("routed_valid")
         for index, router in self.routers:
             if routed is None or router.router_replay is None:
                 router._mimo_expected = None
                 continue
-            experts = routed[0, :, index]  # [tokens, k]
+            experts, mine = routed[0, :, index], valid[0]  # [tokens, k], [tokens]
             if self.tconfig.sequence_parallel and self.layout.tp > 1:
-                experts = experts.chunk(self.layout.tp)[parallel_state.get_tensor_model_parallel_rank()]
-            router._mimo_expected = experts
+                rank = parallel_state.get_tensor_model_parallel_rank()
+                experts, mine = experts.chunk(self.layout.tp)[rank], mine.chunk(self.layout.tp)[rank]
+            router._mimo_expected, router._mimo_valid = experts, mine
             router.router_replay.clear_indices()
             if self.rl.routing_replay:
                 router.router_replay.set_target_indices(experts)
@@ -73,16 +72,17 @@ class RLTrainer(Trainer):
         expected = getattr(router, "_mimo_expected", None)
         if expected is None or self.rl.routing_replay or router.router_replay.recorded_topk_idx is None:
             return
-        mine = router.router_replay.recorded_topk_idx.sort(-1).values
-        theirs = expected.to(mine.device).sort(-1).values
+        valid = router._mimo_valid.to(expected.device)  # padding tokens are not compared
+        mine = router.router_replay.recorded_topk_idx[valid]
+        theirs = expected[valid].to(mine.device)
         differ = (mine.unsqueeze(-1) != theirs.unsqueeze(-2)).all(-1).sum()  # chosen by one side only
-        self._disagree += torch.tensor([mine.numel(), float(differ)], dtype=torch.float64)
+        self._disagree += torch.stack([torch.tensor(float(mine.numel())), differ.double().cpu()]).to(self._disagree)
 
     def _rl_loss(self, counts, num_microbatches, mb, out: MiMoOutput):
         rl = self.rl
         mask = mb["loss_mask"].float()
         logp = -out.losses[0].float()
-        distill = mb["teacher_logprobs"] - logp.detach() if rl.algorithm == "mopd" else torch.zeros_like(logp)
+        distill = distill_advantages(mb["teacher_logprobs"], logp) if rl.algorithm == "mopd" else torch.zeros_like(logp)
         advantages = (distill + rl.alpha * mb["outcome"]) if rl.algorithm == "mopd" else mb["outcome"]
         loss, sums = policy_loss(
             logp, mb["rollout_logprobs"], advantages * mask, mask, mb["token_weight"], kind=rl.algorithm,
@@ -99,7 +99,7 @@ class RLTrainer(Trainer):
         return total * scale, reported
 
     def _rl_forward_step(self, counts, num_microbatches, data_iterator, model):
-        mb = next(data_iterator)
+        mb = self.to_device(next(data_iterator))
         self._replay(mb)
         out = model(mb["tokens"], position_ids=mb["position_ids"], labels=mb["labels"],
                     loss_mask=mb["loss_mask"].float(), packed_seq_params=packed_params(mb))
@@ -145,7 +145,7 @@ class RLTrainer(Trainer):
     def _reduce_rl_metrics(self, results: list, counts: torch.Tensor) -> dict:
         depths = len(self.weights)
         size = 1 + len(LOSS_SUMS) + 1 + 2 * (depths - 1)
-        sums = torch.zeros(size, dtype=torch.float64)
+        sums = torch.zeros(size, dtype=torch.float64, device=self.device)
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             for r in results:
                 sums += r.double()

@@ -50,10 +50,17 @@ def local_shards(model_chunks) -> list[tuple[str, tuple, tuple, torch.Tensor]]:
 def assemble(shards) -> dict[str, torch.Tensor]:
     """Checkpoint key -> full tensor, from every rank's shards."""
     full: dict[str, torch.Tensor] = {}
+    written: dict[str, int] = {}
     for key, shape, offset, data in shards:
-        target = full.setdefault(key, torch.zeros(shape, dtype=torch.float32))
+        if key not in full:
+            full[key] = torch.empty(shape, dtype=torch.float32)
         region = tuple(slice(o, o + n) for o, n in zip(offset, data.shape))
-        target[region] = data
+        full[key][region] = data
+        written[key] = written.get(key, 0) + data.numel()
+    # Main replicas tile each tensor exactly once: anything else is a gap or an overlap.
+    wrong = [f"{k}: {written[k]} of {full[k].numel()} elements" for k in full if written[k] != full[k].numel()]
+    if wrong:
+        raise RuntimeError(f"weight gather: shards do not tile their tensors: {'; '.join(wrong[:5])}")
     return full
 
 

@@ -133,6 +133,11 @@ class RunConfig:
             self.data.validate()
             if self.recipe in ("grpo", "mopd"):
                 self.rl.validate(self.recipe)
+                # Full recompute re-runs the routers in backward, after later micro-batches' forwards
+                # (1F1B): they would replay another micro-batch's experts.
+                _need(self.parallel.recompute != "full" or not any(self.model.moe_layer_freq),
+                      "parallel.recompute=full is not supported with routing replay (RL recipes on MoE models): "
+                      "use parallel.recompute=selective or null")
                 need = self.rl.prompts_per_step * self.rl.group_size
                 _need(self.train.global_batch == need,
                       f"train.global_batch={self.train.global_batch} must equal rl.prompts_per_step x rl.group_size "

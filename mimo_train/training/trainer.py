@@ -72,6 +72,8 @@ class Trainer:
 
     def __init__(self, config: RunConfig, layout: Layout):
         self.config, self.layout = config, layout
+        # Batches arrive on CPU; NCCL reduces only CUDA tensors, so metric buffers live here too.
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         opt = megatron_options(config, layout)
         self.tconfig = tc = transformer_config(config.model, opt)
         tc.moe_enable_routing_replay = self.routing_replay and any(config.model.moe_layer_freq)
@@ -104,15 +106,18 @@ class Trainer:
 
     # -- one optimizer step -------------------------------------------------------------------
 
+    def to_device(self, mb: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
+
     def depth_token_counts(self, micro_batches: list[dict]) -> torch.Tensor:
         """Loss tokens of each depth over the global batch (summed over data-parallel ranks)."""
-        counts = torch.zeros(len(self.weights), dtype=torch.float64)
+        counts = torch.zeros(len(self.weights), dtype=torch.float64, device=self.device)
         for mb in micro_batches:
             mask, packed = mb["loss_mask"].float(), packed_params(mb)
             for depth in range(len(self.weights)):
                 if depth:
                     mask = roll_left(mask, packed)
-                counts[depth] += mask.sum().double()
+                counts[depth] += mask.sum().double().to(self.device)
         dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
         return counts
 
@@ -129,7 +134,7 @@ class Trainer:
         return total * scale, torch.stack(sums)
 
     def _forward_step(self, counts, num_microbatches, data_iterator, model):
-        mb = next(data_iterator)
+        mb = self.to_device(next(data_iterator))
         out = model(mb["tokens"], position_ids=mb["position_ids"], labels=mb["labels"],
                     loss_mask=mb["loss_mask"].float(), packed_seq_params=packed_params(mb))
         return out, functools.partial(self._loss, counts, num_microbatches)
@@ -171,7 +176,7 @@ class Trainer:
     def _reduce_metrics(self, results: list, counts: torch.Tensor) -> dict:
         """Per-depth loss and accuracy over the global batch, known on every rank."""
         depths = len(self.weights)
-        sums = torch.zeros(2 * depths, dtype=torch.float64)
+        sums = torch.zeros(2 * depths, dtype=torch.float64, device=self.device)
         last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         if last:
             for r in results:

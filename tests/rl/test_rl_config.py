@@ -1,0 +1,26 @@
+"""RL settings that would silently train on wrong numbers are refused before any work."""
+
+import pytest
+
+from mimo_train.training.config import ConfigError, load_config
+
+BASE = ["recipe=grpo", "model=tiny", "train.global_batch=8", "rl.prompts_per_step=4", "rl.group_size=2"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("rl.top_p=0.9", "rl.top_p must be 1"),
+    ("parallel.recompute=full", "recompute=full is not supported with routing replay"),
+    ("rl.temperature=0", "rl.temperature must be > 0"),
+    ("rl.algorithm=mopd", "needs rl.algorithm=grpo"),
+])
+def test_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(BASE + [override])
+
+
+def test_mopd_needs_one_teacher_per_domain():
+    with pytest.raises(ConfigError, match="more than one teacher for domain"):
+        load_config(["recipe=mopd", "model=tiny", "train.global_batch=32",
+                     "rl.teachers=[{name:a,domain:sort,checkpoint:x},{name:b,domain:sort,checkpoint:y}]"])
+    with pytest.raises(ConfigError, match="MOPD's advantage already is"):
+        load_config(["recipe=mopd", "model=tiny", "train.global_batch=32", "rl.kl_coef=0.1"])
