@@ -77,7 +77,7 @@ def main(argv: list[str]) -> dict:
     seconds["base"] = _run(console, "1. base model: SFT on every domain (main + 3 MTP depths)", [
         "recipe=sft", *common, f"train.steps={args['base_steps']}", "train.global_batch=32", "train.micro_batch=32",
         "data.seq_len=64", "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.warmup_steps=10", f"logging.run_dir={base}"])
-    tokens["base"] = _tokens(base, "tokens")
+    tokens["base"] = float(int(args["base_steps"]) * 32 * 64)  # steps x global batch x packed sequence length
     console.print(depth_table(base, seconds["base"]))
 
     teachers = {}
@@ -113,7 +113,7 @@ def main(argv: list[str]) -> dict:
     summary = {"results": results, "seconds": seconds, "tokens": tokens, "speculative": speculative,
                "total_seconds": time.time() - t_start}
     report = write_report(out, summary)
-    console.print(report.read_text())
+    console.print(report.read_text(), markup=False)
     console.print(f"[bold]demo done in {summary['total_seconds'] / 60:.1f} min[/]: report {report}")
     return summary
 
