@@ -202,8 +202,11 @@ def main(argv: list[str]) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: no OpenMP spin on a busy machine)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="torch.compile the engine's decode step (default on)")
+    # Off by default: since the decode step is compiled whole (draft chain, verify forward +
+    # sampling), torch 2.13 fails while building its guards ("sources must not be empty for
+    # symbol"); the engine's tests do not cover compile=True. To fix before it is on again.
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the engine's decode step (currently fails on torch 2.13)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
