@@ -125,22 +125,9 @@ class RLTrainer(Trainer):
                 router.router_replay.clear_router_replay_action()
                 router.router_replay.clear_indices()
         metrics = self._reduce_rl_metrics(results, counts)
-        self.optimizer.prepare_grads()
-        grad_norm = self.optimizer.get_grad_norm()
-        finite = math.isfinite(metrics["loss/policy"]) and math.isfinite(grad_norm)
-        lr = self.optimizer.param_groups[0]["lr"]
-        if finite:
-            ok, grad_norm, _ = self.optimizer.step()
-            finite = bool(ok)
-        if finite:
-            self.scheduler.step(increment=1)
-        else:
-            self.skipped += 1
-        self.step += 1
-        metrics.update({"grad_norm": float(grad_norm), "lr": lr, "skipped": int(not finite),
-                        "skipped_total": self.skipped, "train/seconds": time.time() - t0})
-        metrics.update(self.router_stats.metrics())
-        return StepResult(metrics, skipped=not finite)
+        result = self.update(metrics, metrics["loss/policy"])
+        metrics["train/seconds"] = time.time() - t0
+        return result
 
     def _reduce_rl_metrics(self, results: list, counts: torch.Tensor) -> dict:
         depths = len(self.weights)

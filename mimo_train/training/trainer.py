@@ -154,10 +154,18 @@ class Trainer:
             model=self.model if len(self.model) > 1 else self.model[0],
             num_microbatches=n, seq_length=seq, micro_batch_size=1, forward_only=False)
         metrics = self._reduce_metrics(results, counts)
+        result = self.update(metrics, metrics["loss/total"])
+        tokens = sum(int(mb["tokens"].numel()) for mb in micro_batches) * parallel_state.get_data_parallel_world_size()
+        metrics["tokens_per_s"] = tokens / max(time.time() - t0, 1e-9)
+        return result
+
+    def update(self, metrics: dict, loss: float) -> StepResult:
+        """The optimizer step after a forward-backward, skipped (and counted) when the loss or
+        the gradient norm is not finite; adds the step's optimizer metrics to `metrics`."""
         self.optimizer.prepare_grads()  # idempotent without a loss scaler: step() repeats it
         grad_norm = self.optimizer.get_grad_norm()
         lr = self.optimizer.param_groups[0]["lr"]
-        finite = math.isfinite(metrics["loss/total"]) and math.isfinite(grad_norm)
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
             ok, grad_norm, _ = self.optimizer.step()
             finite = bool(ok)
@@ -166,10 +174,8 @@ class Trainer:
         else:
             self.skipped += 1
         self.step += 1
-        tokens = sum(int(mb["tokens"].numel()) for mb in micro_batches) * parallel_state.get_data_parallel_world_size()
         metrics.update({"grad_norm": float(grad_norm), "lr": lr,
-                        "skipped": int(not finite), "skipped_total": self.skipped,
-                        "tokens_per_s": tokens / max(time.time() - t0, 1e-9)})
+                        "skipped": int(not finite), "skipped_total": self.skipped})
         metrics.update(self.router_stats.metrics())
         return StepResult(metrics, skipped=not finite)
 
