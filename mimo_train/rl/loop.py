@@ -32,9 +32,8 @@ from mimo_train.rl.trainer import RLTrainer
 from mimo_train.rl.weight_gather import gather_serving_weights
 from mimo_train.training import checkpoint
 from mimo_train.training.config import RunConfig
-from mimo_train.training.loop import _StopRequest, resume
+from mimo_train.training.loop import _StopRequest, log_step, resume
 from mimo_train.training.tracking import Tracker, plot_losses
-from mimo_train.training.trainer import TooManySkippedSteps
 
 
 class PromptSet:
@@ -280,14 +279,7 @@ def run_rl(config: RunConfig, layout: Layout) -> dict:
             metrics = {**rollout_metrics, **result.metrics, "time/sync": time.time() - t1,
                        "time/step": time.time() - t0,
                        "rl/tokens": sum(s.length for s in samples)}
-            if trainer.step % config.logging.every == 0 or result.skipped:
-                tracker.log(trainer.step, metrics)
-            if result.skipped:
-                tracker.message(f"step {trainer.step}: non-finite loss or gradient, update skipped")
-                if trainer.skipped > config.train.max_skipped_steps:
-                    raise TooManySkippedSteps(
-                        f"{trainer.skipped} steps had a non-finite loss or gradient (train.max_skipped_steps="
-                        f"{config.train.max_skipped_steps}); stopped without saving, the last checkpoint is intact")
+            log_step(trainer, config, tracker, metrics, result.skipped)
             if config.checkpoint.every and trainer.step % config.checkpoint.every == 0:
                 save()
         save()

@@ -40,7 +40,8 @@ def local_shards(model_chunks) -> list[tuple[str, tuple, tuple, torch.Tensor]]:
             if not isinstance(sh, ShardedTensor) or sh.key.endswith("_extra_state") or not _is_main_replica(sh.replica_id):
                 continue
             if sh.flattened_range is not None:
-                raise NotImplementedError(f"{sh.key}: flattened model shards are not supported by the weight gather")
+                # Only the distributed optimizer's state is flattened; model weights never are.
+                raise RuntimeError(f"{sh.key}: a flattened shard in the model's state dict; expected whole tensor shards")
             data = sh.data.detach().to("cpu", torch.float32)
             data = data.reshape((1,) * sh.prepend_axis_num + tuple(data.shape))
             shards.append((sh.key, tuple(sh.global_shape), tuple(sh.global_offset), data))

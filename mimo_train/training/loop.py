@@ -70,6 +70,20 @@ def resume(trainer: Trainer, loader: DataLoader, config: RunConfig, layout: Layo
     return str(path)
 
 
+def log_step(trainer: Trainer, config: RunConfig, tracker: Tracker, metrics: dict, skipped: bool) -> None:
+    """Log a step (every `logging.every`, and always a skipped one); past
+    `train.max_skipped_steps` skipped steps, stop without saving so `latest` stays good."""
+    if trainer.step % config.logging.every == 0 or skipped:
+        tracker.log(trainer.step, metrics)
+    if skipped:
+        tracker.message(f"step {trainer.step}: non-finite loss or gradient, update skipped "
+                        f"({trainer.skipped}/{config.train.max_skipped_steps} allowed)")
+        if trainer.skipped > config.train.max_skipped_steps:
+            raise TooManySkippedSteps(
+                f"{trainer.skipped} steps had a non-finite loss or gradient (train.max_skipped_steps="
+                f"{config.train.max_skipped_steps}); stopped without saving, the last checkpoint is intact")
+
+
 def run(config: RunConfig, layout: Layout) -> dict:
     """Train; returns the last step's metrics (on every rank)."""
     init_distributed(layout.tp, layout.pp, layout.ep, layout.vpp, seed=config.train.seed)
@@ -108,15 +122,7 @@ def run(config: RunConfig, layout: Layout) -> dict:
         while trainer.step < last and not stop.requested:
             result = trainer.train_step(loader.next_global_batch())
             metrics = {**result.metrics, "data/skipped_rows": dataset.skipped, "data/epoch": loader.epoch}
-            if trainer.step % config.logging.every == 0 or result.skipped:
-                tracker.log(trainer.step, metrics)
-            if result.skipped:
-                tracker.message(f"step {trainer.step}: non-finite loss or gradient, update skipped "
-                                f"({trainer.skipped}/{config.train.max_skipped_steps} allowed)")
-                if trainer.skipped > config.train.max_skipped_steps:
-                    raise TooManySkippedSteps(
-                        f"{trainer.skipped} steps had a non-finite loss or gradient (train.max_skipped_steps="
-                        f"{config.train.max_skipped_steps}); stopped without saving, the last checkpoint is intact")
+            log_step(trainer, config, tracker, metrics, result.skipped)
             if config.checkpoint.every and trainer.step % config.checkpoint.every == 0:
                 save()
         save()

@@ -2,19 +2,12 @@ import pytest
 
 from mimo_train.run import main
 from tests.rl.rl_runs import init_args
-from tests.training.runs import ROOT, train
+from tests.training.runs import make_data, train
 
 
 @pytest.fixture(scope="session")
 def rl_data(tmp_path_factory):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_data", ROOT / "tools" / "make_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    out = tmp_path_factory.mktemp("rl_data")
-    module.make(out, kind="sft", n=100, n_eval=10, seed=0)
-    return out
+    return make_data(tmp_path_factory.mktemp("rl_data"), kind="sft", n=100, n_eval=10, seed=0)
 
 
 @pytest.fixture(scope="session")

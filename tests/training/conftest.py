@@ -1,20 +1,11 @@
 import pytest
 
-from tests.training.runs import tiny_args, train
+from tests.training.runs import make_data, tiny_args, train
 
 
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory):
-    import importlib.util
-
-    from tests.training.runs import ROOT
-
-    spec = importlib.util.spec_from_file_location("make_data", ROOT / "tools" / "make_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    out = tmp_path_factory.mktemp("data")
-    module.make(out, kind="pretrain", n=200, n_eval=10, seed=0)
-    return out
+    return make_data(tmp_path_factory.mktemp("data"), kind="pretrain", n=200, n_eval=10, seed=0)
 
 
 @pytest.fixture(scope="session")

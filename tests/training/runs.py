@@ -22,6 +22,17 @@ def tiny_args(data: Path, run_dir: Path, *extra: str, init: Path | None = None) 
             "logging.plot=false", *extra]
 
 
+def make_data(out: Path, **kwargs) -> Path:
+    """tools/make_data.py's `make` (a script, not a module of the package) into `out`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_data", ROOT / "tools" / "make_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.make(out, **kwargs)
+    return out
+
+
 def launch(args: list[str], nproc: int = 1, script: Path = RUN, wait: bool = True):
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     if nproc == 1:
