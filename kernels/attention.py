@@ -10,7 +10,8 @@ p_ij = exp(a_ij - m) / (exp(s_h - m) + sum_j exp(a_ij - m)),  m = max(max_j a_ij
 A query that sees no key and has no sink (a padding row) gets out 0 and lse -inf.
 
 `attention` is the one entry point for training and the rollout engine. It runs the Triton
-kernels on CUDA tensors and the reference elsewhere; `backend="triton"` (or the environment
+kernels on CUDA tensors and the reference elsewhere (short queries without grad, i.e. the
+engine's steps on CPU, through `attention_grouped`: the same math in fewer ops); `backend="triton"` (or the environment
 variable MIMO_ATTENTION_BACKEND=triton) forces the kernels, which on CPU tensors needs
 TRITON_INTERPRET=1 set before they are first imported (triton fixes that at decoration).
 Among the kernels: a differentiable call goes to the training kernel (kernels/triton_attention.py);
@@ -77,6 +78,53 @@ def attention_reference(
     return out.to(v.dtype), lse
 
 
+def hidden_keys(q_pos, k_pos, *, window=None, q_seg=None, k_seg=None) -> torch.Tensor:
+    """The masking rule as a [b, sq, sk] bool tensor, True where query i may NOT see key j.
+    Layers that share positions (every layer of a kind in one engine step) compute it once."""
+    dist = q_pos[:, :, None] - k_pos[:, None, :]
+    hidden = (dist < 0) | (k_pos < 0)[:, None, :]
+    if window is not None:
+        hidden |= dist > window
+    if q_seg is not None:
+        hidden |= q_seg[:, :, None] != k_seg[:, None, :]
+    return hidden
+
+
+def attention_grouped(q, k, v, *, scale: float, q_pos, k_pos, sinks=None, window=None, q_seg=None, k_seg=None,
+                      hidden=None):
+    """`attention_reference` for short queries against a cache, in fewer and cheaper ops: the
+    engine's decode / verify path on CPU, where a small model's step is dominated by per-op
+    cost. Same contract and masking rule (`hidden`, if given, is `hidden_keys` of these
+    positions, computed once by the caller); equal results up to fp32 rounding.
+
+    The query heads sharing a kv head are stacked as rows of one matmul against that head's
+    keys (no repeat of the cache), and the sink joins as one more logit column."""
+    b, sq, num_heads, dk = q.shape
+    kv_heads, dv = k.shape[2], v.shape[3]
+    rep = num_heads // kv_heads
+    # [b, Hkv, rep * sq, dk]: query head h = g * rep + r reads kv head g.
+    qg = (q.float() * scale).permute(0, 2, 1, 3).reshape(b, kv_heads, rep * sq, dk)
+    scores = torch.matmul(qg, k.float().permute(0, 2, 3, 1)).view(b, kv_heads, rep, sq, -1)
+    if hidden is None:
+        hidden = hidden_keys(q_pos, k_pos, window=window, q_seg=q_seg, k_seg=k_seg)
+    scores.masked_fill_(hidden[:, None, None], float("-inf"))
+    if sinks is not None:
+        sink = sinks.float().view(1, kv_heads, rep, 1, 1).expand(b, kv_heads, rep, sq, 1)
+        scores = torch.cat([scores, sink], dim=-1)
+    # Softmax by hand, to get the lse on the way; a row that sees nothing (no key, no sink)
+    # has max -inf: it is shifted by 0 instead, so its weights are 0, not NaN.
+    top = scores.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)
+    probs = (scores - top).exp_()
+    total = probs.sum(-1, keepdim=True)
+    lse = total.log() + top
+    probs.div_(total.clamp_min_(1e-30))
+    if sinks is not None:
+        probs = probs[..., :-1]
+    out = torch.matmul(probs.view(b, kv_heads, rep * sq, -1), v.float().transpose(1, 2))
+    out = out.view(b, num_heads, sq, dv).transpose(1, 2)
+    return out.to(v.dtype), lse.view(b, num_heads, sq)
+
+
 # A packed row longer than this is attended block by block on the reference path (below).
 PACKED_BLOCK = 128
 
@@ -115,17 +163,25 @@ def attention(
     q_seg: torch.Tensor | None = None,
     k_seg: torch.Tensor | None = None,
     backend: str | None = None,
+    hidden: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatcher with the contract of `attention_reference` (same arguments, same outputs).
 
-    backend: "auto" (default: Triton on CUDA, the reference elsewhere), "reference" or
-    "triton"; None reads MIMO_ATTENTION_BACKEND, then falls back to "auto".
+    backend: "auto" (default: Triton on CUDA; elsewhere `attention_grouped` for short queries
+    without grad -- the engine's decode and verify steps -- and the reference for the rest),
+    "reference" or "triton"; None reads MIMO_ATTENTION_BACKEND, then falls back to "auto".
+    hidden: optional `hidden_keys(q_pos, k_pos, ...)` precomputed by a caller that reuses it
+    across layers; only `attention_grouped` reads it (the other paths mask from positions).
     """
     kwargs = dict(scale=scale, q_pos=q_pos, k_pos=k_pos, sinks=sinks, window=window, q_seg=q_seg, k_seg=k_seg)
     backend = backend or os.environ.get("MIMO_ATTENTION_BACKEND") or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, sinks))
     if backend == "auto":
+        if not q.is_cuda and not needs_grad and q.shape[1] <= DECODE_MAX_QUERY:
+            return attention_grouped(q, k, v, hidden=hidden, **kwargs)
         backend = "triton" if q.is_cuda else "reference"
     if backend == "reference":
         packed = q_seg is not None and q.shape[0] == 1 and q.shape[1] == k.shape[1] > 2 * PACKED_BLOCK
@@ -140,8 +196,6 @@ def attention(
                            "set TRITON_INTERPRET=1 before mimo_train.kernels.triton_attention is imported")
     if q.shape[1] == 0 or k.shape[1] == 0:  # nothing for a kernel to do; the reference handles it
         return attention_reference(q, k, v, **kwargs)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, sinks))
     rows = q.shape[1] * (q.shape[2] // k.shape[2])
     if not needs_grad and q.shape[1] <= DECODE_MAX_QUERY and rows <= DECODE_MAX_ROWS:
         return triton_decode.decode_attention(q, k, v, **kwargs)

@@ -93,3 +93,4 @@ class Slots:
     bound: int  # global caches are read up to this slot
     prefill: bool
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    hidden: dict[str, torch.Tensor | None]  # per kind: `hidden_keys` of q_pos / k_pos (None in prefill)

@@ -1,8 +1,9 @@
 """The device side of the engine: per-slot state and the three passes of an iteration.
 
 `prefill` runs fresh requests' prompts and samples their first token, `decode` drafts K tokens
-with the MTP chain, verifies them in one main-model forward and advances every active row. No
-host synchronisation inside: the engine reads the results once per iteration.
+with the MTP chain, verifies them in one main-model forward and advances every active row. On a
+GPU no host synchronisation inside (on CPU the MoE layers read expert counts, free there): the
+engine reads the results once per iteration.
 
 Drafting with distinct MTP layers. Layer k at position t reads the token at t+k+1, so with the
 last kept token at position L, layer k's cache entries at positions > L-k-1 were computed from
@@ -26,11 +27,9 @@ from mimo_train.rollout.rng import uniforms
 class SlotState:
     """Tensors with one row per engine slot; rows [0, n) are the active requests."""
 
-    def __init__(self, cfg: ModelConfig, model: InferenceModel, max_batch: int, *, compile: bool = False):
-        """compile: run the draft and the verify step through torch.compile (one graph each per
-        depth and sampling mode, any batch size); see `EngineConfig.compile`."""
+    def __init__(self, cfg: ModelConfig, model: InferenceModel, max_batch: int):
         self.cfg, self.model, self.cache = cfg, model, model.cache
-        self.max_batch, self.compile = max_batch, compile
+        self.max_batch = max_batch
         dev, dtype, Km = model.w.embed.device, model.w.embed.dtype, cfg.num_nextn_predict_layers
         self.device, self.dtype, self.max_depth = dev, dtype, Km
         self.T = 2 * Km  # positions the MTP chain reruns per iteration (at the deepest K)
@@ -43,15 +42,6 @@ class SlotState:
         self.hist_h = torch.zeros(max_batch, self.T, cfg.hidden_size, dtype=dtype, device=dev)  # h_0 at [L-T, L-1]
         self.hist_tok = torch.zeros(max_batch, self.T + 1 + Km, dtype=torch.long, device=dev)  # tokens [L-T, L+Km]
         self.routed: torch.Tensor | None = None  # [B, positions, MoE layers, k], made on first use
-        self._draft, self._verify = self._draft_step, self._verify_step
-        if compile:
-            from torch.fx.experimental import _config as fx_config
-
-            # Without duck sizing a batch of 2 is not taken for "the size of the 2 kv heads":
-            # one graph then serves every batch size.
-            fx_config.use_duck_shape = False
-            self._draft = torch.compile(self._draft_step, dynamic=True)
-            self._verify = torch.compile(self._verify_step, dynamic=True)
 
     def track_routing(self) -> None:
         if self.routed is None:
@@ -115,19 +105,13 @@ class SlotState:
     def decode(self, n: int, K: int, bound: int, greedy: bool, use_top_k: bool, use_top_p: bool):
         """Draft K tokens for rows [0, n), verify them, advance the rows. Returns n_accepted
         [n], tokens [n, K+1] and log-probs [n, K+1] as `speculative_verify` defines them."""
-        if self.compile and n == 1 and self.max_batch > 1:
-            # Compiled graphs specialise on size 1: run a free slot alongside (at position 0,
-            # its results are dropped) so that batch 1 reuses the graph of every other size.
-            self.length[1] = 1
-            n_acc, out, logprobs = self.decode(2, K, bound, greedy, use_top_k, use_top_p)
-            return n_acc[:1], out[:1], logprobs[:1]
         # Greedy steps need no randomness; sampled ones take the rows' next uniforms.
         u = None if greedy else uniforms(self.keys[:n], self.counters[:n], 2 * self.max_depth + 1)
         self.counters[:n] += 1
         top_k = self.top_k[:n] if use_top_k else None
         top_p = self.top_p[:n] if use_top_p else None
-        drafts, draft_probs = self._draft(n, K, u, top_k, top_p) if K else (self.hist_tok[:n, :0], None)
-        return self._verify(n, K, bound, drafts, draft_probs, u, top_k, top_p)
+        drafts, draft_probs = self._draft_step(n, K, u, top_k, top_p) if K else (self.hist_tok[:n, :0], None)
+        return self._verify_step(n, K, bound, drafts, draft_probs, u, top_k, top_p)
 
     def _draft_step(self, n: int, K: int, u, top_k, top_p):
         """Run MTP layers 0..K-1 over positions [L-2K, L-1]; returns drafts [n, K] and the

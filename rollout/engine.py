@@ -46,11 +46,6 @@ class EngineConfig:
     device: str | None = None  # default: cuda if available, else cpu
     dtype: torch.dtype | None = None  # default: bfloat16 on cuda, float32 on cpu
     seed: int = 0  # seeds requests that bring none
-    # torch.compile the decode step (draft chain; verify forward + sampling + cache updates),
-    # meant for CPU, where a small model's step is a stream of tiny ops. Known broken: torch
-    # 2.13 fails building the compiled step's guards ("sources must not be empty for symbol");
-    # no test covers it yet. Leave off until fixed.
-    compile: bool = False
 
 
 @dataclass
@@ -85,8 +80,8 @@ class Engine:
         B, Km = c.max_batch, self.max_depth
         self.cache = KVCache(cfg, max_batch=B, max_len=self.max_len + Km, max_depth=Km, mtp_layers=Km,
                              device=self.device, dtype=self.dtype)
-        self.model = InferenceModel(cfg, self.w, self.cache, step_moe_path="dense" if c.compile else "auto")
-        self.state = SlotState(cfg, self.model, B, compile=c.compile)
+        self.model = InferenceModel(cfg, self.w, self.cache)
+        self.state = SlotState(cfg, self.model, B)
         self.depth_table = dict(c.depth_table) if c.depth_table else {B: Km}
         for bound, k in self.depth_table.items():
             if not (0 <= k <= Km) or bound < 1:

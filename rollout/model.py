@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from mimo_train.kernels import attention
+from mimo_train.kernels.attention import hidden_keys
 from mimo_train.model.config import ModelConfig
 from mimo_train.model.rope import apply_rope, rope_cos_sin
 from mimo_train.rollout.cache import KVCache, Slots
@@ -65,25 +66,19 @@ def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor
 def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w13: torch.Tensor,
                     w2: torch.Tensor, path: str) -> torch.Tensor:
     """sum_j weights[:, j] * expert_{experts[:, j]}(x) for x [N, hidden]; w13 [E, 2I, hidden],
-    w2 [E, hidden, I]. Three ways to run it, one result:
-      "gather"  copy the chosen experts' weights, one batched matmul (few tokens: decode);
-      "dense"   every expert on every token, weighted by a sparse [N, E] matrix (few experts:
-                no copies, no host sync -- what a compiled step uses);
-      "grouped" sort token slots by expert, one matmul per expert (prefill, big batches; reads
-                the counts on the host)."""
+    w2 [E, hidden, I]. Two ways to run it, one result:
+      "gather"  copy the chosen experts' weights, one batched matmul: no host sync (few tokens
+                on a GPU);
+      "grouped" sort token slots by expert, one matmul per expert over views of its weights:
+                reads the counts on the host, free on CPU, where it is also the fewest bytes."""
     n, k = experts.shape
-    num_experts, inter = w13.shape[0], w13.shape[1] // 2
+    num_experts = w13.shape[0]
     if path == "gather":
-        flat = experts.flatten()
-        h = torch.bmm(x.repeat_interleave(k, 0)[:, None], w13[flat].transpose(1, 2))
+        flat = experts.flatten()  # index_select: a plain copy, several times faster than w13[flat] on CPU
+        h = torch.bmm(x.repeat_interleave(k, 0)[:, None], w13.index_select(0, flat).transpose(1, 2))
         gate, up = h.chunk(2, dim=-1)
-        y = torch.bmm(F.silu(gate) * up, w2[flat].transpose(1, 2)).view(n, k, -1)
+        y = torch.bmm(F.silu(gate) * up, w2.index_select(0, flat).transpose(1, 2)).view(n, k, -1)
         return (y * weights.to(y.dtype)[..., None]).sum(1)
-    if path == "dense":
-        dense = torch.zeros(n, num_experts, dtype=x.dtype, device=x.device).scatter_(1, experts, weights.to(x.dtype))
-        h = F.linear(x, w13.view(-1, w13.shape[-1])).view(n, num_experts, 2, inter)
-        act = F.silu(h[:, :, 0]) * h[:, :, 1] * dense[..., None]  # [N, E, I]
-        return torch.bmm(act.transpose(0, 1), w2.transpose(1, 2)).sum(0)
     order = experts.flatten().argsort()
     counts = torch.bincount(experts.flatten(), minlength=num_experts).tolist()
     token = order // k
@@ -99,8 +94,8 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
 class BlockKernel:
     """One pre-norm transformer block of a kind: global or SWA attention, dense or MoE FFN."""
 
-    def __init__(self, cfg: ModelConfig, *, swa: bool, moe: bool, moe_path: str = "auto"):
-        self.cfg, self.moe, self.moe_path = cfg, moe, moe_path
+    def __init__(self, cfg: ModelConfig, *, swa: bool, moe: bool):
+        self.cfg, self.moe = cfg, moe
         d = cfg.attention_dims(swa)
         self.heads, self.kv_heads = d["num_heads"], d["num_kv_heads"]
         self.head_dim, self.v_head_dim = d["head_dim"], d["v_head_dim"]
@@ -110,10 +105,11 @@ class BlockKernel:
         self.global_cache = not swa
 
     def __call__(self, x, w: BlockWeights, k_cache, v_cache, write, q_pos, k_pos, cos, sin, bound: int,
-                 prefill: bool):
+                 prefill: bool, hidden=None):
         """x [n, s, hidden] at positions q_pos [n, s]; writes this block's K/V of the s tokens
         into cache rows [0, n) at slots `write`, then attends over keys at k_pos (prefill:
-        over the block itself). Returns (x, experts [n, s, k] or None)."""
+        over the block itself; `hidden`: the attention mask of these positions, if computed
+        already). Returns (x, experts [n, s, k] or None)."""
         n, s, _ = x.shape
         a = w.attn
         h = rms_norm(x, w.input_norm, self.eps)
@@ -134,16 +130,18 @@ class BlockKernel:
         else:
             keys, values = k_cache, v_cache
         out, _ = attention(q, keys, values, scale=self.scale, q_pos=q_pos, k_pos=k_pos, sinks=a.sinks,
-                           window=self.window)
+                           window=self.window, hidden=hidden)
         x = x + F.linear(out.reshape(n, s, -1), a.o)
         h = rms_norm(x, w.post_norm, self.eps)
         if not self.moe:
             return x + swiglu(h, w.mlp.w13, w.mlp.w2), None
         flat = h.view(n * s, -1)
         weights, experts = route(flat, w.mlp.router, w.mlp.expert_bias, self.cfg)
-        path = self.moe_path
-        if path == "auto":
-            path = "gather" if n * s * experts.shape[1] <= self.cfg.n_routed_experts else "grouped"
+        # Gather copies the chosen experts' weights: on CPU, where the grouped path's host sync
+        # is free, that pays only for a handful of pairs (one decode token); on a GPU it saves
+        # the sync for up to E pairs.
+        pairs, num_experts = n * s * experts.shape[1], self.cfg.n_routed_experts
+        path = "gather" if pairs <= (num_experts if x.is_cuda else num_experts // 4) else "grouped"
         y = experts_forward(flat, weights, experts, w.mlp.w13, w.mlp.w2, path)
         return x + y.view_as(x), experts.view(n, s, -1)
 
@@ -155,21 +153,18 @@ class MTPKernel:
         self.block = BlockKernel(cfg, swa=True, moe=False)
         self.eps = cfg.layernorm_epsilon
 
-    def __call__(self, h, emb, m: MTPWeights, k_cache, v_cache, write, q_pos, k_pos, cos, sin, prefill: bool):
+    def __call__(self, h, emb, m: MTPWeights, k_cache, v_cache, write, q_pos, k_pos, cos, sin, prefill: bool,
+                 hidden=None):
         e = rms_norm(emb, m.enorm, self.eps)
         x = F.linear(torch.cat([e, rms_norm(h, m.hnorm, self.eps)], dim=-1), m.eh_proj)
-        x, _ = self.block(x, m.block, k_cache, v_cache, write, q_pos, k_pos, cos, sin, 0, prefill)
+        x, _ = self.block(x, m.block, k_cache, v_cache, write, q_pos, k_pos, cos, sin, 0, prefill, hidden)
         return rms_norm(x, m.final_norm, self.eps)
 
 
 class InferenceModel:
-    """Weights + cache + the forward passes the engine runs.
+    """Weights + cache + the forward passes the engine runs."""
 
-    `step_moe_path` picks the expert path of decode-time blocks: "auto" (eager) or "dense"
-    (no data-dependent shapes, for a step that torch.compile traces; see rollout/decode.py).
-    Prefill always runs eager with "auto"."""
-
-    def __init__(self, cfg: ModelConfig, weights: Weights, cache: KVCache, *, step_moe_path: str = "auto"):
+    def __init__(self, cfg: ModelConfig, weights: Weights, cache: KVCache):
         self.cfg, self.w, self.cache = cfg, weights, cache
         self.eps = cfg.layernorm_epsilon
         self.dims = {"global": cfg.attention_dims(False), "swa": cfg.attention_dims(True)}
@@ -177,8 +172,6 @@ class InferenceModel:
         self.moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe(i)]
         kinds = {(cfg.is_swa(i), cfg.is_moe(i)) for i in range(cfg.num_hidden_layers)}
         self.kernels = {kind: BlockKernel(cfg, swa=kind[0], moe=kind[1]) for kind in kinds}
-        self.step_kernels = {kind: BlockKernel(cfg, swa=kind[0], moe=kind[1], moe_path=step_moe_path)
-                             for kind in kinds}
         self.mtp_kernel = MTPKernel(cfg)
         # cos / sin of every position the cache can hold, per layer kind: a step looks them up.
         positions = torch.arange(cache.max_len + 1, device=weights.embed.device)
@@ -208,19 +201,21 @@ class InferenceModel:
                 k_pos["global"] = torch.arange(bound, device=pos.device).expand(n, bound)
         at = pos.clamp(min=0)  # padding takes position 0's rotation: it is masked anyway
         rope = {kind: (self.rope[kind][0][at], self.rope[kind][1][at]) for kind in kinds}
-        return Slots(rows, pos, write, k_pos, bound, prefill, rope)
+        # The attention mask of each kind, once for all its layers (prefill: each block's own).
+        hidden = {kind: None if prefill else hidden_keys(pos, k_pos[kind], window=self.dims[kind]["window"])
+                  for kind in kinds}
+        return Slots(rows, pos, write, k_pos, bound, prefill, rope, hidden)
 
     # ---- model ---------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, s: Slots, routed: list | None = None) -> torch.Tensor:
         """Main model over tokens [n, len] in cache rows s.rows -> final-normed hidden
         [n, len, hidden]. With a list `routed`, appends each MoE layer's experts [n, len, k]."""
-        kernels = self.kernels if s.prefill else self.step_kernels
         x = F.embedding(tokens.clamp(min=0), self.w.embed)
         for i, b in enumerate(self.w.layers):
             kind = "swa" if b.swa else "global"
             k_cache, v_cache = self.cache.layers[i]
-            x, experts = kernels[(b.swa, b.moe)](x, b, k_cache[s.rows], v_cache[s.rows], s.write[kind], s.q_pos,
-                                                 s.k_pos[kind], *s.rope[kind], s.bound, s.prefill)
+            x, experts = self.kernels[(b.swa, b.moe)](x, b, k_cache[s.rows], v_cache[s.rows], s.write[kind], s.q_pos,
+                                                      s.k_pos[kind], *s.rope[kind], s.bound, s.prefill, s.hidden[kind])
             if routed is not None and experts is not None:
                 routed.append(experts)
         return rms_norm(x, self.w.norm, self.eps)
@@ -230,7 +225,8 @@ class InferenceModel:
         = the tokens at t+k+1. Returns h_{k+1} (after final_layernorm)."""
         k_cache, v_cache = self.cache.mtp[k]
         return self.mtp_kernel(h, F.embedding(tokens.clamp(min=0), self.w.embed), self.w.mtp[k], k_cache[s.rows],
-                               v_cache[s.rows], s.write["mtp"], s.q_pos, s.k_pos["mtp"], *s.rope["mtp"], s.prefill)
+                               v_cache[s.rows], s.write["mtp"], s.q_pos, s.k_pos["mtp"], *s.rope["mtp"], s.prefill,
+                               s.hidden["mtp"])
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.w.lm_head).float()

@@ -1,6 +1,6 @@
 """Benchmark the rollout engine against transformers' `generate` on one model, in one run.
 
-    python tools/bench_rollout.py --model DIR [--new-tokens 96] [--compile] [--threads 1]
+    python tools/bench_rollout.py --model DIR [--new-tokens 96] [--threads 1]
     python tools/bench_rollout.py --train-demo DIR [--steps 400]
 
 Prints one JSON object: tokens/s of transformers' MiMoV2FlashForCausalLM.generate (same
@@ -108,8 +108,7 @@ def bench(args) -> dict:
     depths = [int(k) for k in args.depths.split(",")]
     prompts = load_prompts(model_dir, hf.config.vocab_size, max(batches), args.prompt_len)
     start = time.perf_counter()
-    engine = Engine.from_pretrained(model_dir, EngineConfig(max_batch=max(batches), max_len=args.max_len,
-                                                            compile=args.compile))
+    engine = Engine.from_pretrained(model_dir, EngineConfig(max_batch=max(batches), max_len=args.max_len))
     depths = [k for k in depths if k <= engine.max_depth]
     params = SamplingParams(temperature=args.temperature, max_new_tokens=args.new_tokens, ignore_eos=True, seed=0)
 
@@ -140,7 +139,7 @@ def bench(args) -> dict:
         return texts, seconds, metrics
 
     configs = [(b, "hf_generate", None) for b in batches] + [(b, f"ours_k{k}", k) for b in batches for k in depths]
-    # Warm-up (and torch.compile) before any timing.
+    # Warm-up before any timing.
     for b, name, k in configs:
         if name != "hf_generate":
             engine.generate(prompts[:b], SamplingParams(temperature=args.temperature, max_new_tokens=8, seed=0),
@@ -154,9 +153,9 @@ def bench(args) -> dict:
             outputs.setdefault((b, name), texts)
             accept.setdefault((b, name), []).extend(metrics)
     result = {"model": str(model_dir), "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
-              "threads": torch.get_num_threads(), "compile": args.compile, "temperature": args.temperature,
+              "threads": torch.get_num_threads(), "temperature": args.temperature,
               "prompt_len": len(prompts[0]), "new_tokens": args.new_tokens, "rounds": args.rounds,
-              "batch1_prompts": args.batch1_prompts, "warmup_and_compile_s": round(warmup_s, 1), "batches": {}}
+              "batch1_prompts": args.batch1_prompts, "warmup_s": round(warmup_s, 1), "batches": {}}
     for b in batches:
         entry = {}
         for (bb, name), v in speeds.items():
@@ -202,11 +201,6 @@ def main(argv: list[str]) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: no OpenMP spin on a busy machine)")
-    # Off by default: since the decode step is compiled whole (draft chain, verify forward +
-    # sampling), torch 2.13 fails while building its guards ("sources must not be empty for
-    # symbol"); the engine's tests do not cover compile=True. To fix before it is on again.
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the engine's decode step (currently fails on torch 2.13)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
