@@ -1,7 +1,8 @@
 """The pretrain / SFT run: set up, resume, step, track, checkpoint, finish.
 
-Stops cleanly (with a checkpoint) at the last step or on SIGTERM/SIGINT between steps; stops
-without saving after too many non-finite steps, so the last good checkpoint stays `latest`.
+Stops cleanly (with a checkpoint) at the last step or on SIGTERM/SIGINT between steps (a signal
+to any rank stops every rank at the same step); stops without saving after too many
+non-finite steps, so the last good checkpoint stays `latest`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import signal
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
@@ -36,6 +38,17 @@ class _StopRequest:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def stop_agreed(requested: bool, device: torch.device) -> bool:
+    """Whether any rank was asked to stop. A signal reaches ranks at different moments; a rank
+    leaving the loop alone would enter the final save's collectives while the others are in a
+    step's, and the job would hang. One tiny all-reduce per step."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return requested
+    flag = torch.tensor([float(requested)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _model_mismatch(saved: dict, current: dict) -> list[str]:
@@ -119,7 +132,7 @@ def run(config: RunConfig, layout: Layout) -> dict:
     try:
         stop_at = config.train.stop_at
         last = config.train.steps if stop_at is None else min(config.train.steps, stop_at)
-        while trainer.step < last and not stop.requested:
+        while trainer.step < last and not stop_agreed(stop.requested, trainer.device):
             result = trainer.train_step(loader.next_global_batch())
             metrics = {**result.metrics, "data/skipped_rows": dataset.skipped, "data/epoch": loader.epoch}
             log_step(trainer, config, tracker, metrics, result.skipped)
