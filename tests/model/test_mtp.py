@@ -58,9 +58,9 @@ def swa_block_attention(x, w, cfg: ModelConfig):
     return out.reshape(b, s, nh * dv) @ w["self_attn.o_proj.weight"].T
 
 
-def reference_mtp_logits(hf, weights, cfg: ModelConfig, ids):
+def reference_mtp_logits(hf, weights, cfg: ModelConfig, ids, *, grad: bool = False):
     eps = cfg.layernorm_epsilon
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         h = hf.model(ids).last_hidden_state  # after the main model's final norm
         tokens, logits = ids, []
         for k in range(cfg.num_nextn_predict_layers):
