@@ -11,9 +11,10 @@ A query that sees no key and has no sink (a padding row) gets out 0 and lse -inf
 
 `attention` is the one entry point for training and the rollout engine. It runs the Triton
 kernels on CUDA tensors and the reference elsewhere (short queries without grad, i.e. the
-engine's steps on CPU, through `attention_grouped`: the same math in fewer ops); `backend="triton"` (or the environment
-variable MIMO_ATTENTION_BACKEND=triton) forces the kernels, which on CPU tensors needs
-TRITON_INTERPRET=1 set before they are first imported (triton fixes that at decoration).
+engine's steps on CPU, through `attention_grouped`: the same math in fewer ops);
+`backend="triton"` (or the environment variable MIMO_ATTENTION_BACKEND=triton) forces the
+kernels, which on CPU tensors needs TRITON_INTERPRET=1 set before they are first imported
+(triton fixes that at decoration).
 Among the kernels: a differentiable call goes to the training kernel (kernels/triton_attention.py);
 a short query without grad (decode, verification of K drafts) to the cache kernel
 (kernels/triton_decode.py); a long query without grad (prefill) to the training forward.
@@ -180,7 +181,7 @@ def attention(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, sinks))
     if backend == "auto":
-        if not q.is_cuda and not needs_grad and q.shape[1] <= DECODE_MAX_QUERY:
+        if not q.is_cuda and not needs_grad and 0 < q.shape[1] <= DECODE_MAX_QUERY and k.shape[1] > 0:
             return attention_grouped(q, k, v, hidden=hidden, **kwargs)
         backend = "triton" if q.is_cuda else "reference"
     if backend == "reference":

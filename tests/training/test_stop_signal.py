@@ -10,13 +10,24 @@ from pathlib import Path
 from tests.training.runs import launch, metrics, tiny_args
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields.get("PPid", "0").strip()) == pid:
+            out.append(int(status.parent.name))
+    return out
+
+
 def _worker(agent_pid: int, local_rank: int) -> int:
     """The pid of torchrun's worker process with this LOCAL_RANK."""
-    children = subprocess.run(["pgrep", "-P", str(agent_pid)], capture_output=True, text=True).stdout.split()
+    children = _children(agent_pid)
     for pid in children:
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        if f"LOCAL_RANK={local_rank}".encode() in environ:
-            return int(pid)
+        if f"LOCAL_RANK={local_rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            return pid
     raise AssertionError(f"no worker with LOCAL_RANK={local_rank} among {children}")
 
 
@@ -32,8 +43,8 @@ def test_sigterm_to_one_rank_stops_all_ranks_with_a_checkpoint(synthetic_data, i
     try:
         out, _ = proc.communicate(timeout=180)
     except subprocess.TimeoutExpired:
-        for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
-            os.kill(int(pid), signal.SIGKILL)  # the workers stuck in a collective
+        for pid in _children(proc.pid):
+            os.kill(pid, signal.SIGKILL)  # the workers stuck in a collective
         proc.kill()
         raise AssertionError("the run did not stop after SIGTERM to rank 1 (ranks disagree on the last step)")
     assert proc.returncode == 0, out[-3000:]
