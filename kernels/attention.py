@@ -34,6 +34,18 @@ DECODE_MAX_QUERY = 16
 DECODE_MAX_ROWS = 64
 
 
+def hidden_keys(q_pos, k_pos, *, window=None, q_seg=None, k_seg=None) -> torch.Tensor:
+    """The masking rule as a [b, sq, sk] bool tensor, True where query i may NOT see key j.
+    Layers that share positions (every layer of a kind in one engine step) compute it once."""
+    dist = q_pos[:, :, None] - k_pos[:, None, :]
+    hidden = (dist < 0) | (k_pos < 0)[:, None, :]
+    if window is not None:
+        hidden |= dist > window
+    if q_seg is not None:
+        hidden |= q_seg[:, :, None] != k_seg[:, None, :]
+    return hidden
+
+
 def attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -59,13 +71,8 @@ def attention_reference(
     v = v.repeat_interleave(rep, dim=2) if rep > 1 else v
     scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
 
-    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
-    allowed = (kp <= qp) & (kp >= 0)
-    if window is not None:
-        allowed &= (qp - kp) <= window
-    if q_seg is not None:
-        allowed &= q_seg[:, :, None] == k_seg[:, None, :]
-    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    hidden = hidden_keys(q_pos, k_pos, window=window, q_seg=q_seg, k_seg=k_seg)
+    scores = scores.masked_fill(hidden[:, None], float("-inf"))
 
     if sinks is not None:
         sink = sinks.float().view(1, num_heads, 1, 1).expand(b, num_heads, sq, 1)
@@ -77,18 +84,6 @@ def attention_reference(
         probs = probs[..., :-1]
     out = torch.einsum("bhqk,bkhd->bqhd", probs, v.float())
     return out.to(v.dtype), lse
-
-
-def hidden_keys(q_pos, k_pos, *, window=None, q_seg=None, k_seg=None) -> torch.Tensor:
-    """The masking rule as a [b, sq, sk] bool tensor, True where query i may NOT see key j.
-    Layers that share positions (every layer of a kind in one engine step) compute it once."""
-    dist = q_pos[:, :, None] - k_pos[:, None, :]
-    hidden = (dist < 0) | (k_pos < 0)[:, None, :]
-    if window is not None:
-        hidden |= dist > window
-    if q_seg is not None:
-        hidden |= q_seg[:, :, None] != k_seg[:, None, :]
-    return hidden
 
 
 def attention_grouped(q, k, v, *, scale: float, q_pos, k_pos, sinks=None, window=None, q_seg=None, k_seg=None,
