@@ -69,3 +69,14 @@ def write_serving_dir(directory, cfg: ModelConfig, weights: dict[str, torch.Tens
 
 def load_transformers(directory) -> MiMoV2FlashForCausalLM:
     return AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def sgd_step(params, loss: torch.Tensor, lr: float) -> None:
+    """p -= lr * d loss / d p for every parameter the loss reaches: the step the gradient
+    parity tests take on both models."""
+    params = list(params)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            if g is not None:
+                p.sub_(lr * g)

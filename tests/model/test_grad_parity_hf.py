@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mimo_train
-from tests.model.hf_utils import hf_model, random_config
+from tests.model.hf_utils import hf_model, random_config, sgd_step
 
 SEQ, LR, TOL = 32, 0.05, 1e-4
 
@@ -24,13 +24,8 @@ def test_one_sgd_step_matches_transformers(tmp_path, megatron_single, seed):
     with torch.no_grad():
         before = ref(ids).logits
 
-    for model, logits_of in ((ref, lambda: ref(ids).logits), (ours.model, lambda: ours.model(ids).logits[0])):
-        model.zero_grad()
-        (logits_of() * direction).sum().backward()
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.sub_(LR * p.grad)
+    sgd_step(ref.parameters(), (ref(ids).logits * direction).sum(), LR)
+    sgd_step(ours.model.parameters(), (ours.model(ids).logits[0] * direction).sum(), LR)
     with torch.no_grad():
         expected, got = ref(ids).logits, ours(ids)
     moved = (expected - before).abs().max().item()

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import mimo_train
-from tests.model.hf_utils import hf_model, random_config, write_serving_dir
+from tests.model.hf_utils import hf_model, random_config, sgd_step, write_serving_dir
 from tests.model.test_mtp import SEQ, random_mtp_weights, reference_mtp_logits
 
 LR, TOL = 0.02, 1e-4
@@ -28,20 +28,12 @@ def test_one_sgd_step_on_the_mtp_loss_matches_the_reference(tmp_path, megatron_s
     directions = [torch.randn(2, SEQ, cfg.vocab_size, generator=gen) for _ in range(depth)]
     mtp_weights = {k: v.clone().requires_grad_() for k, v in weights.items() if k.startswith("model.mtp.")}
 
-    def step(params, loss):
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        with torch.no_grad():
-            for p, g in zip(params, grads):
-                if g is not None:
-                    p.sub_(LR * g)
-
     with torch.no_grad():
         main_before = hf(ids).logits
-    ref_params = list(hf.parameters()) + list(mtp_weights.values())
-    step(ref_params, sum((logits * d).sum() for logits, d in
-                         zip(reference_mtp_logits(hf, mtp_weights, cfg, ids, grad=True), directions)))
-    our_params = list(ours.model.parameters())
-    step(our_params, sum((logits * d).sum() for logits, d in zip(ours.model(ids).logits[1:], directions)))
+    sgd_step([*hf.parameters(), *mtp_weights.values()], sum(
+        (logits * d).sum() for logits, d in zip(reference_mtp_logits(hf, mtp_weights, cfg, ids, grad=True), directions)), LR)
+    sgd_step(ours.model.parameters(), sum((logits * d).sum() for logits, d in zip(ours.model(ids).logits[1:], directions)),
+             LR)
 
     with torch.no_grad():
         expected = [hf(ids).logits, *reference_mtp_logits(hf, mtp_weights, cfg, ids)]
