@@ -30,10 +30,13 @@ def test_one_sgd_step_on_the_mtp_loss_matches_the_reference(tmp_path, megatron_s
 
     with torch.no_grad():
         main_before = hf(ids).logits
-    sgd_step([*hf.parameters(), *mtp_weights.values()], sum(
-        (logits * d).sum() for logits, d in zip(reference_mtp_logits(hf, mtp_weights, cfg, ids, grad=True), directions)), LR)
-    sgd_step(ours.model.parameters(), sum((logits * d).sum() for logits, d in zip(ours.model(ids).logits[1:], directions)),
-             LR)
+
+    def loss(mtp_logits):
+        return sum((logits * d).sum() for logits, d in zip(mtp_logits, directions))
+
+    reference = reference_mtp_logits(hf, mtp_weights, cfg, ids, grad=True)
+    sgd_step([*hf.parameters(), *mtp_weights.values()], loss(reference), LR)
+    sgd_step(ours.model.parameters(), loss(ours.model(ids).logits[1:]), LR)
 
     with torch.no_grad():
         expected = [hf(ids).logits, *reference_mtp_logits(hf, mtp_weights, cfg, ids)]
