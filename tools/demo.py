@@ -27,8 +27,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DOMAINS = ["arithmetic", "reverse", "sort"]
-DEFAULTS = {"out": "runs/demo", "base_steps": "90", "teacher_steps": "15", "mopd_steps": "20", "seed": "0",
+# Letter tasks that `small` half-learns in the base's few minutes (greedy 37-51% held-out after
+# 80 steps), so RL has reward to work with and room above the base. Two-digit arithmetic stays
+# near 2% in that budget (and after 150 steps): no teacher could show a gain over the base
+# there, so it is left out of the demo (it stays a domain of the task generators).
+DOMAINS = ["reverse", "rotate", "sort"]
+DEFAULTS = {"out": "runs/demo", "base_steps": "80", "teacher_steps": "12", "mopd_steps": "15", "seed": "0",
             "level": "easy"}
 
 
@@ -43,7 +47,7 @@ def _run(console, title: str, argv: list[str]) -> float:
     from mimo_train.run import main as run
 
     console.rule(f"[bold]{title}")
-    console.print("python mimo_train/run.py " + " ".join(argv), style="dim", soft_wrap=True)
+    console.print("python mimo_train/run.py " + " ".join(argv), style="dim", soft_wrap=True, markup=False)
     start = time.time()
     if run(argv):
         raise SystemExit(f"demo: stage {title!r} failed")
@@ -70,13 +74,17 @@ def main(argv: list[str]) -> dict:
         console.print(f"data: {summary['train_rows']} rows of {', '.join(summary['domains'])} in {data}")
     common = ["model=small", f"data.path={data}/train.jsonl", f"data.tokenizer={data}/tokenizer",
               f"train.seed={args['seed']}", "logging.progress=true"]
-    rl_common = [*common, f"rl.prompts={data}/train.jsonl", "rl.max_new_tokens=8"]
+    # Rollouts at temperature 0.5: the base's samples at 1.0 are right 5% of the time where its
+    # greedy answers are right 40%, which leaves GRPO almost no reward to learn from.
+    rl_common = [*common, f"rl.prompts={data}/train.jsonl", "rl.max_new_tokens=8", "rl.temperature=0.5"]
     seconds, tokens = {}, {}
 
     base = out / "base"
+    # lr 1e-3: at 3e-3 the 8-layer model sat on a plateau (held-out exact match 2% after 250
+    # steps); at 1e-3 it copies a letter after 50 steps and reverses three after 100.
     seconds["base"] = _run(console, "1. base model: SFT on every domain (main + 3 MTP depths)", [
         "recipe=sft", *common, f"train.steps={args['base_steps']}", "train.global_batch=32", "train.micro_batch=32",
-        "data.seq_len=64", "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.warmup_steps=10", f"logging.run_dir={base}"])
+        "data.seq_len=64", "optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_steps=10", f"logging.run_dir={base}"])
     tokens["base"] = float(int(args["base_steps"]) * 32 * 64)  # steps x global batch x packed sequence length
     console.print(depth_table(base, seconds["base"]))
 

@@ -92,9 +92,10 @@ class LetterTask:
 
 Sort = LetterTask("sort", "sort:", lambda s: "".join(sorted(s)))  # "sort:dbca=" -> "abcd"
 Reverse = LetterTask("reverse", "rev:", lambda s: s[::-1])  # "rev:abc=" -> "cba"
+Rotate = LetterTask("rotate", "rot:", lambda s: s[1:] + s[:1])  # "rot:abc=" -> "bca": first letter to the end
 
 
-DOMAINS: dict[str, TaskFamily] = {family.name: family for family in (Arithmetic(), Sort, Reverse)}
+DOMAINS: dict[str, TaskFamily] = {family.name: family for family in (Arithmetic(), Sort, Reverse, Rotate)}
 
 
 def family(domain: str) -> TaskFamily:

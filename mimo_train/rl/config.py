@@ -29,8 +29,8 @@ class RLConfig:
     algorithm: str = "grpo"
     prompts: str = "data/synthetic_sft/train.jsonl"  # rows with `domain` and `prompt` (file or dir)
     domains: list[str] = field(default_factory=list)  # only these domains' prompts (empty: all)
-    prompts_per_step: int = 8
-    group_size: int = 4  # samples per prompt: the GRPO group
+    prompts_per_step: int = 16
+    group_size: int = 8  # samples per prompt: the GRPO group
     max_new_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0  # must stay 1 (see validate)

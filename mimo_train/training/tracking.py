@@ -47,8 +47,8 @@ class Tracker:
             self._wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
-            shown = {k.split("/")[-1]: f"{v:.3f}" for k, v in metrics.items()
-                     if k in ("loss/main", "loss/mtp_1") and isinstance(v, float)}
+            # RL runs have no main-depth loss; their reward and accept length are what to watch.
+            shown = {label: f"{metrics[k]:.3f}" for k, label in _SHOWN.items() if isinstance(metrics.get(k), float)}
             if "tokens_per_s" in metrics:
                 shown["tok/s"] = f"{metrics['tokens_per_s']:.0f}"
             self._bar.set_postfix(shown)
@@ -65,6 +65,10 @@ class Tracker:
         self._jsonl.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+# The progress bar's postfix: key in the metrics -> label.
+_SHOWN = {"loss/main": "main", "loss/mtp_1": "mtp_1", "reward/mean": "reward", "rollout/accept_length": "accept"}
 
 
 def _run_id(run_dir: Path) -> str:

@@ -50,5 +50,5 @@ def test_same_seed_same_files(tmp_path):
 
 
 def test_unknown_domain_is_refused(tmp_path):
-    with pytest.raises(SystemExit, match="unknown domain.*known: arithmetic, reverse, sort"):
+    with pytest.raises(SystemExit, match="unknown domain.*known: arithmetic, reverse, rotate, sort"):
         make_data.make(tmp_path, "sft", ["calculus"])

@@ -53,9 +53,18 @@ def test_reverse_examples():
     assert not check("rev:abc=", "c b a")
 
 
-@pytest.mark.parametrize("domain", ["sort", "reverse"])
+def test_rotate_examples():
+    check = DOMAINS["rotate"].check
+    assert check("rot:abc=", "bca")  # the first letter moves to the end
+    assert check("rot:aab=", "aba")
+    assert not check("rot:abc=", "cab")  # rotated the other way
+    assert not check("rot:abc=", "cba")  # reversed
+    assert not check("rot:abc=", "abc")
+
+
+@pytest.mark.parametrize("domain", ["sort", "reverse", "rotate"])
 def test_letter_tasks_use_three_to_six_lowercase_letters(domain):
-    prefix = {"sort": "sort:", "reverse": "rev:"}[domain]
+    prefix = {"sort": "sort:", "reverse": "rev:", "rotate": "rot:"}[domain]
     for row in generate(domain, 300, seed=5):
         body = row["prompt"].removeprefix(prefix).removesuffix("=")
         assert row["prompt"] == f"{prefix}{body}="

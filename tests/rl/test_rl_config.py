@@ -20,7 +20,7 @@ def test_refused(override, message):
 
 def test_mopd_needs_one_teacher_per_domain():
     with pytest.raises(ConfigError, match="more than one teacher for domain"):
-        load_config(["recipe=mopd", "model=tiny", "train.global_batch=32",
+        load_config(["recipe=mopd", "model=tiny",
                      "rl.teachers=[{name:a,domain:sort,checkpoint:x},{name:b,domain:sort,checkpoint:y}]"])
     with pytest.raises(ConfigError, match="MOPD's advantage already is"):
-        load_config(["recipe=mopd", "model=tiny", "train.global_batch=32", "rl.kl_coef=0.1"])
+        load_config(["recipe=mopd", "model=tiny", "rl.kl_coef=0.1"])
