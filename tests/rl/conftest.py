@@ -1,13 +1,13 @@
 import pytest
 
 from mimo_train.run import main
-from tests.rl.rl_runs import init_args
+from tests.rl.rl_runs import DOMAINS, init_args
 from tests.training.runs import make_data, train
 
 
 @pytest.fixture(scope="session")
 def rl_data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("rl_data"), kind="sft", n=100, n_eval=10, seed=0)
+    return make_data(tmp_path_factory.mktemp("rl_data"), kind="sft", domains=list(DOMAINS), n=100, n_eval=10, seed=0)
 
 
 @pytest.fixture(scope="session")
