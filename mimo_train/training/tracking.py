@@ -16,6 +16,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 
+# The progress bar's postfix: key in the metrics -> label.
+_SHOWN = {"loss/main": "main", "loss/mtp_1": "mtp_1", "reward/mean": "reward", "rollout/accept_length": "accept"}
+
+
 class Tracker:
     def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int, config: dict,
                  wandb_project: str, wandb_mode: str, progress: bool, name: str):
@@ -65,10 +69,6 @@ class Tracker:
         self._jsonl.close()
         if self._wandb is not None:
             self._wandb.finish()
-
-
-# The progress bar's postfix: key in the metrics -> label.
-_SHOWN = {"loss/main": "main", "loss/mtp_1": "mtp_1", "reward/mean": "reward", "rollout/accept_length": "accept"}
 
 
 def _run_id(run_dir: Path) -> str:
