@@ -6,7 +6,8 @@
       -> evaluation table (base, each teacher, the student; every domain)
       -> export of the student to the serving format -> MTP accept length in our engine
 
-    make demo        (or: python tools/demo.py [out=runs/demo] [base_steps=..] [teacher_steps=..] [mopd_steps=..])
+    make demo        (or: python tools/demo.py [out=runs/demo] [base_steps=..] [teacher_steps=..] [mopd_steps=..]
+                      [model=small] [eval_limit=N])
 
 Every stage is the recipe a user would run (`mimo_train/run.py recipe=sft|grpo|mopd`), so
 each stage's checkpoints, metrics.jsonl and plots are under <out>/<stage>. Nothing is
@@ -32,8 +33,10 @@ sys.path.insert(0, str(ROOT))
 # near 2% in that budget (and after 150 steps): no teacher could show a gain over the base
 # there, so it is left out of the demo (it stays a domain of the task generators).
 DOMAINS = ["reverse", "rotate", "sort"]
+# model and eval_limit (held-out prompts per domain) exist for a quick look and the smoke test
+# (tests/rl/test_demo.py runs the pipeline on `tiny`); the results below are for `small`.
 DEFAULTS = {"out": "runs/demo", "base_steps": "80", "teacher_steps": "12", "mopd_steps": "36", "seed": "0",
-            "level": "easy"}
+            "level": "easy", "model": "small", "eval_limit": ""}
 
 
 def _tool(name: str):
@@ -61,7 +64,11 @@ def _tokens(run_dir: Path, key: str) -> float:
 
 
 def main(argv: list[str]) -> dict:
-    args = {**DEFAULTS, **dict(a.split("=", 1) for a in argv)}
+    given = dict(a.split("=", 1) if "=" in a else (a, "") for a in argv)
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:  # a typo (mopd_step=120) would otherwise run the defaults for 14 minutes
+        raise SystemExit(f"demo: unknown argument(s) {unknown}; use key=value with keys {sorted(DEFAULTS)}")
+    args = {**DEFAULTS, **given}
     out = Path(args["out"])
     from rich.console import Console
 
@@ -75,7 +82,7 @@ def main(argv: list[str]) -> dict:
         summary = _tool("make_data").make(data, kind="sft", domains=DOMAINS, n=3000, n_eval=600, seed=0,
                                           level=args["level"])
         console.print(f"data: {summary['train_rows']} rows of {', '.join(summary['domains'])} in {data}")
-    common = ["model=small", f"data.path={data}/train.jsonl", f"data.tokenizer={data}/tokenizer",
+    common = [f"model={args['model']}", f"data.path={data}/train.jsonl", f"data.tokenizer={data}/tokenizer",
               f"train.seed={args['seed']}", "logging.progress=true"]
     # Rollouts at temperature 0.5: the base's samples at 1.0 are right 5% of the time where its
     # greedy answers are right 40%, which leaves GRPO almost no reward to learn from.
@@ -90,7 +97,8 @@ def main(argv: list[str]) -> dict:
     # steps); at 1e-3 it copies a letter after 50 steps and reverses three after 100.
     seconds["base"] = _run(console, "1. base model: SFT on every domain (main + 3 MTP depths)", [
         "recipe=sft", *common, f"train.steps={args['base_steps']}", "train.global_batch=32", "train.micro_batch=32",
-        "data.seq_len=64", "optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_steps=10", f"logging.run_dir={base}"])
+        "data.seq_len=64", "optim.lr=1e-3", "optim.min_lr=1e-4",
+        f"optim.warmup_steps={min(10, int(args['base_steps']) // 8)}", f"logging.run_dir={base}"])
     tokens["base"] = float(int(args["base_steps"]) * 32 * 64)  # steps x global batch x packed sequence length
     console.print(depth_table(base, seconds["base"]))
 
@@ -114,7 +122,8 @@ def main(argv: list[str]) -> dict:
     models = {"base": base / "checkpoints", **{f"teacher_{d}": teachers[d] for d in DOMAINS},
               "student": student / "checkpoints"}
     evaluation = _tool("evaluate").main([*[f"--model={n}={p}" for n, p in models.items()], f"--data={data}",
-                                         "--max-new-tokens=8", f"--out={out / 'eval'}"])
+                                         "--max-new-tokens=8", f"--out={out / 'eval'}",
+                                         *([f"--limit={args['eval_limit']}"] if args["eval_limit"] else [])])
     results = evaluation["results"] if "results" in evaluation else evaluation
 
     console.rule("[bold]5. export of the student, and its MTP drafts in our engine")
