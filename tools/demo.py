@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 # there, so it is left out of the demo (it stays a domain of the task generators).
 DOMAINS = ["reverse", "rotate", "sort"]
 # model and eval_limit (held-out prompts per domain) exist for a quick look and the smoke test
-# (tests/rl/test_demo.py runs the pipeline on `tiny`); the results below are for `small`.
+# (tests/rl/test_demo.py runs the pipeline on `tiny`); the README's results are for `small`.
 DEFAULTS = {"out": "runs/demo", "base_steps": "80", "teacher_steps": "12", "mopd_steps": "36", "seed": "0",
             "level": "easy", "model": "small", "eval_limit": ""}
 
