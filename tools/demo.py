@@ -64,7 +64,10 @@ def _tokens(run_dir: Path, key: str) -> float:
 
 
 def main(argv: list[str]) -> dict:
-    given = dict(a.split("=", 1) if "=" in a else (a, "") for a in argv)
+    malformed = [a for a in argv if "=" not in a]
+    if malformed:
+        raise SystemExit(f"demo: arguments are not key=value: {malformed}; keys: {sorted(DEFAULTS)}")
+    given = dict(a.split("=", 1) for a in argv)
     unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:  # a typo (mopd_step=120) would otherwise run the defaults for 14 minutes
         raise SystemExit(f"demo: unknown argument(s) {unknown}; use key=value with keys {sorted(DEFAULTS)}")

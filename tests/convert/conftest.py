@@ -8,24 +8,16 @@ transformers can only express SWA layers with twice the global kv heads.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 from pathlib import Path
 
 import pytest
 
 from mimo_train.model.config import ModelConfig
-from tests.training.runs import ROOT, train
+from tests.training.runs import ROOT, tool, train
 
 MODEL_OVERRIDES = {"num_key_value_heads": 2, "swa_num_key_value_heads": 4}
 SHARD_SIZE = "200KB"  # the tiny model is ~2.3 MB in fp32: several shards
-
-
-def tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_config() -> ModelConfig:

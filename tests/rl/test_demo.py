@@ -5,26 +5,20 @@ exported student, the MTP accept lengths and the report."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.training.runs import ROOT
+from tests.training.runs import ROOT, launch, tool
 
 DOMAINS = ["reverse", "rotate", "sort"]
 
 
 def test_the_whole_pipeline_runs_and_reports(tmp_path):
     out = tmp_path / "demo"
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(ROOT / "tools" / "demo.py"), f"out={out}", "model=tiny", "base_steps=2",
-                           "teacher_steps=1", "mopd_steps=1", "eval_limit=3"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    code, printed = launch([f"out={out}", "model=tiny", "base_steps=2", "teacher_steps=1", "mopd_steps=1",
+                            "eval_limit=3"], script=ROOT / "tools" / "demo.py")
+    assert code == 0, printed[-6000:]
 
     summary = json.loads((out / "summary.json").read_text())
     models = ["base", *[f"teacher_{d}" for d in DOMAINS], "student"]
@@ -32,9 +26,9 @@ def test_the_whole_pipeline_runs_and_reports(tmp_path):
     for name in models:
         assert set(DOMAINS) <= set(summary["results"][name]), name
         assert all(0.0 <= summary["results"][name][d] <= 1.0 for d in DOMAINS)
-    for stage in ["base", *[f"teacher_{d}" for d in DOMAINS], "student"]:
-        assert (out / stage / "metrics.jsonl").is_file(), stage
-        assert (out / stage / "checkpoints" / "latest").exists(), stage
+    for run in models:  # each model is a stage's run directory
+        assert (out / run / "metrics.jsonl").is_file(), run
+        assert (out / run / "checkpoints" / "latest").exists(), run
     assert summary["tokens"]["mopd"] > 0 and all(summary["tokens"][f"teacher_{d}"] > 0 for d in DOMAINS)
     assert (out / "export" / "config.json").is_file()
     spec = summary["speculative"]
@@ -45,10 +39,10 @@ def test_the_whole_pipeline_runs_and_reports(tmp_path):
     assert (out / "eval" / "eval.png").is_file()
 
 
-def test_an_unknown_argument_is_refused_before_any_work(tmp_path):
-    spec = importlib.util.spec_from_file_location("demo_tool", ROOT / "tools" / "demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+def test_an_unknown_or_malformed_argument_is_refused_before_any_work(tmp_path):
+    demo = tool("demo")
     with pytest.raises(SystemExit, match=r"unknown argument\(s\) \['mopd_step'\].*mopd_steps"):
         demo.main([f"out={tmp_path / 'demo'}", "mopd_step=120"])
+    with pytest.raises(SystemExit, match=r"not key=value: \['mopd_steps'\]"):
+        demo.main([f"out={tmp_path / 'demo'}", "mopd_steps"])
     assert not (tmp_path / "demo").exists()

@@ -22,14 +22,19 @@ def tiny_args(data: Path, run_dir: Path, *extra: str, init: Path | None = None) 
             "logging.plot=false", *extra]
 
 
-def make_data(out: Path, **kwargs) -> Path:
-    """tools/make_data.py's `make` (a script, not a module of the package) into `out`."""
+def tool(name: str):
+    """tools/<name>.py as a module (the tools are scripts, not modules of the package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("make_data", ROOT / "tools" / "make_data.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.make(out, **kwargs)
+    return module
+
+
+def make_data(out: Path, **kwargs) -> Path:
+    """tools/make_data.py's `make` into `out`."""
+    tool("make_data").make(out, **kwargs)
     return out
 
 
