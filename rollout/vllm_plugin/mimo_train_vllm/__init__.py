@@ -1,0 +1,16 @@
+"""mimo-train's vLLM plugin (loaded by vLLM in every one of its processes).
+
+`register` adds the weight-transfer engine "mimo" (`mimo_train_vllm.transfer`) to vLLM's
+factory, so `vllm serve ... --weight-transfer-config '{"backend": "mimo"}'` receives weights
+streamed from the trainer ranks that own them. Registration is lazy: vLLM is imported only
+inside vLLM's processes, and the trainer's environment can import `mimo_train_vllm.wire`.
+"""
+
+ENGINE = "mimo"
+
+
+def register() -> None:
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    if ENGINE not in WeightTransferEngineFactory._registry:  # vLLM loads plugins once per process, maybe more
+        WeightTransferEngineFactory.register_engine(ENGINE, "mimo_train_vllm.transfer", "StreamedWeightTransferEngine")
