@@ -28,13 +28,17 @@ def _is_main_replica(replica_id) -> bool:
     return all(i == 0 for i in ids)
 
 
+def sharded_metadata() -> dict:
+    """What megatron's `sharded_state_dict` needs to say which rank owns which shard."""
+    return {"distrib_optim_sharding_type": "fully_reshardable",
+            "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+
+
 def local_shards(model_chunks) -> list[tuple[str, tuple, tuple, torch.Tensor]]:
     """(key, global shape, global offset, data) of every shard this rank owns (no replicas)."""
-    metadata = {"distrib_optim_sharding_type": "fully_reshardable",
-                "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
     shards = []
     for chunk in model_chunks:
-        sd = getattr(chunk, "module", chunk).sharded_state_dict(metadata=metadata)
+        sd = getattr(chunk, "module", chunk).sharded_state_dict(metadata=sharded_metadata())
         apply_factories(sd)
         for sh in nested_values(sd):
             if not isinstance(sh, ShardedTensor) or sh.key.endswith("_extra_state") or not _is_main_replica(sh.replica_id):

@@ -1,0 +1,196 @@
+"""Trainer -> inference-server weight streaming: every rank sends the weights it owns.
+
+Each rank turns the shards it owns (megatron's sharded state dict: tensor-parallel slices,
+its experts, its pipeline stage's layers; replicas skipped) into *pieces* under the serving
+names, through the export plan (`convert.exporter.plan`, built on `hf_mapping`: one mapping
+for export, import and sync). Rank 0 gathers the pieces' metadata (names and regions, no
+data), cuts them into buckets of at most `bucket_bytes` (`mimo_train_vllm.wire`) and shares
+the plan; then every rank packs its own buckets one at a time and sends each to every worker
+of the server. The extra memory a rank holds is one bucket (plus one piece being reshaped,
+where the server's geometry differs: see `ServingGeometry`), whatever the model's size.
+The main model and the MTP layers travel as two plans: vLLM loads them into two models
+(the target and the drafter).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+from mimo_train.convert.exporter import KEEP_FP32, Entry, plan
+from mimo_train.model.config import ModelConfig
+from mimo_train.rl.weight_gather import _is_main_replica, sharded_metadata
+from mimo_train_vllm import wire
+
+MTP_PREFIX = "model.mtp."
+
+
+@dataclass(frozen=True)
+class ServingGeometry:
+    """How the server's model differs from the trainer's, with the same function.
+
+    `pad_v_head`: v_proj rows and o_proj columns zero-padded per head from v_head_dim to the
+    q/k head dim (vLLM's CPU attention needs v dim == q/k dim; zero value channels meet zero
+    o_proj columns, so outputs do not change)."""
+
+    pad_v_head: bool = False
+
+    def config(self, cfg: ModelConfig) -> ModelConfig:
+        if not self.pad_v_head:
+            return cfg
+        return dataclasses.replace(cfg, v_head_dim=cfg.head_dim, swa_v_head_dim=cfg.swa_head_dim)
+
+
+@dataclass
+class LocalPiece:
+    piece: wire.Piece
+    dtype: str  # on the wire
+    tensor: Callable[[], torch.Tensor]  # the piece's data (a view where it can be), made when packed
+
+
+def _entries_by_key(cfg: ModelConfig, mtp: bool) -> dict[str, list[Entry]]:
+    out: dict[str, list[Entry]] = {}
+    for e in plan(cfg, mtp=mtp, quantize=False):
+        out.setdefault(e.key, []).append(e)
+    return out
+
+
+def _entry_region(e: Entry, shape: tuple[int, ...]) -> tuple[list[int], list[int]]:
+    """[lo, hi) of the entry's tensor in its checkpoint tensor (stacked experts, fused gate/up)."""
+    lo, hi, d = [0] * len(shape), list(shape), 0
+    if e.index is not None:
+        lo[0], hi[0], d = e.index, e.index + 1, 1
+    if e.half is not None:
+        rows = shape[d] // 2
+        lo[d], hi[d] = e.half * rows, (e.half + 1) * rows
+    return lo, hi
+
+
+def _pieces_of_shard(entries: list[Entry], shape: tuple[int, ...], offset: tuple[int, ...], data: torch.Tensor):
+    """(entry, piece, tensor view) for every serving tensor a checkpoint shard overlaps."""
+    for e in entries:
+        lo, hi = _entry_region(e, shape)
+        start = [max(a, o) for a, o in zip(lo, offset)]
+        stop = [min(b, o + n) for b, o, n in zip(hi, offset, data.shape)]
+        if any(a >= b for a, b in zip(start, stop)):
+            continue
+        view = data[tuple(slice(a - o, b - o) for a, b, o in zip(start, stop, offset))]
+        rel = [a - b for a, b in zip(start, lo)]
+        size = [b - a for a, b in zip(start, stop)]
+        if e.index is not None:  # the expert axis is not part of the serving tensor
+            view, rel, size = view[0], rel[1:], size[1:]
+        yield e, wire.Piece(e.hf, tuple(e.shape), tuple(rel), tuple(size)), view
+
+
+def _pad_heads(piece: wire.Piece, fetch, dim: int, dv: int, dk: int) -> tuple[wire.Piece, Callable]:
+    """Zero-pad each head's `dv` channels along `dim` to `dk` (pieces hold whole heads)."""
+    if piece.offset[dim] % dv or piece.size[dim] % dv:
+        raise ValueError(f"{piece.name}: a piece that splits a head ({piece.offset[dim]}+{piece.size[dim]} along "
+                         f"dim {dim}, head size {dv}) cannot be padded")
+    scale = lambda v: v // dv * dk  # noqa: E731
+    grow = lambda t: tuple(scale(v) if i == dim else v for i, v in enumerate(t))  # noqa: E731
+
+    def padded() -> torch.Tensor:
+        t = fetch()
+        heads = t.shape[dim] // dv
+        split = t.reshape(*t.shape[:dim], heads, dv, *t.shape[dim + 1:])
+        out = t.new_zeros(*t.shape[:dim], heads, dk, *t.shape[dim + 1:])
+        out.narrow(dim + 1, 0, dv).copy_(split)
+        return out.reshape(grow(tuple(t.shape)))
+
+    return wire.Piece(piece.name, grow(piece.shape), grow(piece.offset), grow(piece.size)), padded
+
+
+def local_pieces(model_chunks, cfg: ModelConfig, *, dtype: torch.dtype,
+                 geometry: ServingGeometry = ServingGeometry()) -> list[LocalPiece]:
+    """Every serving-name piece this rank owns (main replicas only), in a stable order."""
+    mtp = cfg.num_nextn_predict_layers > 0
+    entries = _entries_by_key(cfg, mtp)
+    wire_dtype = wire.dtype_name(dtype)
+    out = []
+    for chunk in model_chunks:
+        sd = getattr(chunk, "module", chunk).sharded_state_dict(metadata=sharded_metadata())
+        apply_factories(sd)
+        for sh in nested_values(sd):
+            if not isinstance(sh, ShardedTensor) or sh.key not in entries or not _is_main_replica(sh.replica_id):
+                continue
+            if sh.flattened_range is not None:
+                raise RuntimeError(f"{sh.key}: a flattened shard in the model's state dict; expected whole tensor shards")
+            data = sh.data.detach()
+            data = data.reshape((1,) * sh.prepend_axis_num + tuple(data.shape))
+            for e, piece, view in _pieces_of_shard(entries[sh.key], tuple(sh.global_shape), tuple(sh.global_offset),
+                                                   data):
+                fetch = (lambda v: lambda: v)(view)
+                if geometry.pad_v_head and piece.name.endswith(("self_attn.v_proj.weight", "self_attn.o_proj.weight")):
+                    d = cfg.attention_dims(swa=MTP_PREFIX in piece.name or cfg.is_swa(_layer(piece.name)))
+                    dim = 0 if piece.name.endswith("v_proj.weight") else 1
+                    piece, fetch = _pad_heads(piece, fetch, dim, d["v_head_dim"], d["head_dim"])
+                keep = piece.name.endswith(KEEP_FP32)
+                out.append(LocalPiece(piece, "float32" if keep else wire_dtype, fetch))
+    return out
+
+
+def _layer(name: str) -> int:
+    return int(name.split(".")[2])  # model.layers.{i}.
+
+
+@dataclass
+class StreamPlan:
+    main: list[wire.Bucket]  # target model: everything but the MTP layers
+    draft: list[wire.Bucket]  # MTP layers (vLLM's drafter)
+    bucket_bytes: int
+
+    @property
+    def nbytes(self) -> int:
+        return wire.manifest_bytes(self.main) + wire.manifest_bytes(self.draft)
+
+
+def plan_stream(pieces: list[LocalPiece], bucket_bytes: int, *, group=None) -> StreamPlan:
+    """Collective over the trainer's ranks: the buckets of every rank, the same on each."""
+    mine = [(p.piece, p.dtype) for p in pieces]
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    if world == 1:
+        everyone = [mine]
+    else:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, mine, group=group)
+    by_src = lambda keep: {r: [(p, d) for p, d in rows if keep(p)] for r, rows in enumerate(everyone)}  # noqa: E731
+    main = wire.plan_buckets(by_src(lambda p: not p.name.startswith(MTP_PREFIX)), bucket_bytes)
+    draft = wire.plan_buckets(by_src(lambda p: p.name.startswith(MTP_PREFIX)), bucket_bytes)
+    return StreamPlan(main, draft, bucket_bytes)
+
+
+def send_buckets(link: wire.Link, buckets: list[wire.Bucket], pieces: list[LocalPiece], rank: int,
+                 workers: list[int]) -> int:
+    """Send this rank's buckets to every worker, one bucket in memory at a time; returns the
+    largest bucket sent (bytes)."""
+    by_name: dict[str, list[LocalPiece]] = {}
+    for p in pieces:
+        by_name.setdefault(p.piece.name, []).append(p)
+    largest = 0
+    for bucket in buckets:
+        if bucket.src != rank:
+            continue
+        flat = wire.pack(bucket, (_rows(by_name, part) for part in bucket.pieces), device=link.device)
+        for worker in workers:
+            link.send(flat, worker)
+        largest = max(largest, flat.numel() * flat.element_size())
+        del flat
+    return largest
+
+
+def _rows(by_name: dict[str, list[LocalPiece]], part: wire.Piece) -> torch.Tensor:
+    """The data of a bucket's piece: one of this rank's pieces, or rows of it (plan_buckets cuts
+    pieces larger than a bucket along their first dimension)."""
+    for p in by_name.get(part.name, ()):
+        q = p.piece
+        if q.offset[1:] == part.offset[1:] and q.size[1:] == part.size[1:] and \
+                q.offset[0] <= part.offset[0] and part.offset[0] + part.size[0] <= q.offset[0] + q.size[0]:
+            return p.tensor().narrow(0, part.offset[0] - q.offset[0], part.size[0])
+    raise KeyError(f"{part.name} at {part.offset}: not among this rank's pieces")
