@@ -19,6 +19,8 @@ def main(argv: list[str]) -> int:
     warnings.filterwarnings("ignore", module="megatron")
     from mimo_train.parallel.layout import LayoutError, check_layout
     from mimo_train.rl.teachers import TeacherUnavailable
+    from mimo_train.rollout.vllm.client import ServerUnavailable
+    from mimo_train.rollout.vllm.server import ServerError
     from mimo_train.training.checkpoint import CheckpointError
     from mimo_train.training.config import ConfigError, load_config
     from mimo_train.training.loop import TooManySkippedSteps, run, world_size
@@ -37,7 +39,7 @@ def main(argv: list[str]) -> int:
         else:
             raise ConfigError(f"recipe {config.recipe!r} has no runner in this version")
     except (ConfigError, LayoutError, CheckpointError, TooManySkippedSteps, FileNotFoundError, ValueError,
-            TeacherUnavailable) as err:
+            TeacherUnavailable, ServerError, ServerUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

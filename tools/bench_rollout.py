@@ -39,7 +39,8 @@ def periodic_batch(batch: int, gen: torch.Generator) -> torch.Tensor:
     return block.repeat(1, SEQ // PERIOD)
 
 
-def train_demo(out: Path, steps: int, mtp_weight: float, replicate_mtp: bool) -> None:
+def train_demo(out: Path, steps: int, mtp_weight: float, replicate_mtp: bool, preset: str = "small",
+               overrides: dict | None = None, progress: bool = True) -> dict:
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -56,7 +57,7 @@ def train_demo(out: Path, steps: int, mtp_weight: float, replicate_mtp: bool) ->
         handle = load_hf(out, device="cpu")
         cfg, model = handle.config, handle.model.train()
     else:
-        cfg = ModelConfig.preset("small")
+        cfg = ModelConfig.preset(preset, **(overrides or {}))
         model = build_model(cfg)
     if replicate_mtp:  # MiMo's post-training step: every MTP layer starts as a copy of layer 0
         with torch.no_grad():
@@ -68,7 +69,7 @@ def train_demo(out: Path, steps: int, mtp_weight: float, replicate_mtp: bool) ->
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.1, 1 - s / steps))
     gen = torch.Generator().manual_seed(0)
-    for _ in (bar := tqdm(range(steps), desc="train small on the periodic copy task")):
+    for _ in (bar := tqdm(range(steps), desc=f"train {preset} on the periodic copy task", disable=not progress)):
         ids = periodic_batch(16, gen)
         labels = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
         mask = torch.zeros_like(ids, dtype=torch.float32)
@@ -85,7 +86,7 @@ def train_demo(out: Path, steps: int, mtp_weight: float, replicate_mtp: bool) ->
     save_file(state, str(out / "model.safetensors"))
     prompts = periodic_batch(16, torch.Generator().manual_seed(1234))[:, :2 * PERIOD]
     (out / "bench_prompts.json").write_text(json.dumps(prompts.tolist()))
-    print(json.dumps({"trained": str(out), "steps": steps, "final": metrics}))
+    return {"trained": str(out), "steps": steps, "final": metrics}
 
 
 def load_prompts(model_dir: Path, vocab: int, count: int, length: int) -> list[list[int]]:
@@ -205,7 +206,7 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     if args.train_demo:
-        train_demo(Path(args.train_demo), args.steps, args.mtp_weight, args.replicate_mtp)
+        print(json.dumps(train_demo(Path(args.train_demo), args.steps, args.mtp_weight, args.replicate_mtp)))
         return
     if not args.model:
         p.error("--model DIR (or --train-demo DIR) is required")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 ALGORITHMS = ("grpo", "mopd")
+BACKENDS = ("native", "vllm")
 
 
 class RLConfigError(ValueError):
@@ -75,3 +76,53 @@ class RLConfig:
             for t in self.teachers:
                 _need(bool(t.name and t.domain and t.checkpoint),
                       f"rl.teachers entry {t}: name, domain and checkpoint are all required")
+
+
+@dataclass
+class VLLMConfig:
+    """vLLM servers as the rollout backend (docs/vllm.md): started by the run on this machine,
+    or given as URLs of servers a cluster launcher started."""
+
+    urls: list[str] = field(default_factory=list)  # servers started elsewhere; empty: the run starts `servers`
+    servers: int = 1  # each gets its share of the prompts (data-parallel rollout)
+    tensor_parallel: int = 1  # per server
+    expert_parallel: bool = False  # per server: experts spread over its tensor-parallel ranks
+    python: str = ".venv-vllm/bin/python"  # vLLM's own environment (`make setup` builds it); relative: to the repo
+    host: str = "127.0.0.1"
+    port: int = 0  # the first server's port (the next ones follow); 0: free ports
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU (also the dtype weights travel in)
+    kv_cache_gb: float = 0.25  # CPU servers: memory for the KV cache
+    gpu_memory_utilization: float = 0.5  # GPU servers: the share of each GPU vLLM may take
+    enforce_eager: bool = True  # no torch.compile / CUDA graphs (start-up in seconds, not minutes)
+    pad_v_head: bool | None = None  # null: pad v heads when vLLM runs on CPU and v_head_dim != head_dim
+    bucket_mb: float = 64.0  # weight streaming: the most any trainer rank holds beyond its weights
+    transfer_host: str = "127.0.0.1"  # trainer rank 0's address as the servers' processes reach it
+    transfer_timeout_s: float = 300.0
+    startup_timeout_s: float = 600.0
+    request_timeout_s: float = 600.0
+    retries: int = 3  # per request, with exponential backoff, before the run stops with an error
+    extra_args: list[str] = field(default_factory=list)  # appended to the vLLM command line
+
+    def validate(self) -> None:
+        _need(self.servers >= 1 and self.tensor_parallel >= 1, "rollout.vllm: servers and tensor_parallel must be >= 1")
+        _need(self.dtype in ("auto", "float32", "bfloat16", "float16"),
+              f"rollout.vllm.dtype={self.dtype!r}: use auto, float32, bfloat16 or float16")
+        _need(self.bucket_mb > 0 and self.kv_cache_gb > 0 and 0 < self.gpu_memory_utilization <= 1,
+              "rollout.vllm: bucket_mb and kv_cache_gb must be > 0, gpu_memory_utilization in (0, 1]")
+        _need(self.port == 0 or 1024 <= self.port < 65536, f"rollout.vllm.port={self.port}: use 0 (free ports) or 1024..65535")
+        _need(self.retries >= 0, "rollout.vllm.retries must be >= 0")
+        for url in self.urls:
+            _need(url.startswith(("http://", "https://")), f"rollout.vllm.urls: {url!r} is not an http(s):// URL")
+
+
+@dataclass
+class RolloutConfig:
+    """Where RL samples come from: `native` (our engine in rank 0's process) or `vllm`."""
+
+    backend: str = "native"
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+    def validate(self) -> None:
+        _need(self.backend in BACKENDS, f"rollout.backend={self.backend!r}: use one of {', '.join(BACKENDS)}")
+        if self.backend == "vllm":
+            self.vllm.validate()

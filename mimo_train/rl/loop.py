@@ -24,12 +24,13 @@ from mimo_train.data.dataset import load_tokenizer
 from mimo_train.data.sources import BadRows, load_rows
 from mimo_train.data.tasks import score
 from mimo_train.parallel.layout import Layout
+from mimo_train.parallel.rank0 import on_rank0
 from mimo_train.parallel.setup import init_distributed
 from mimo_train.rl import batch as rl_batch
 from mimo_train.rl.evaluate import prompt_ids, response_text
 from mimo_train.rl.loss import group_advantages
 from mimo_train.rl.trainer import RLTrainer
-from mimo_train.rl.weight_gather import gather_serving_weights
+from mimo_train.rl.rollout_backend import make_backend
 from mimo_train.training import checkpoint
 from mimo_train.training.config import RunConfig
 from mimo_train.training.loop import _StopRequest, log_step, resume
@@ -96,33 +97,30 @@ def check_resume(config: RunConfig) -> None:
             "rl.teachers, or start a new run (checkpoint.dir / logging.run_dir)")
 
 
+def rollout_max_len(config: RunConfig, prompts: PromptSet, tokenizer) -> int:
+    """Prompt + response tokens of the longest request the run can make (caches are sized by it)."""
+    max_len = prompts.longest(tokenizer) + config.rl.max_new_tokens + 1
+    if max_len > config.model.max_position_embeddings:
+        raise ValueError(f"the longest RL prompt + rl.max_new_tokens = {max_len} tokens exceeds the model's "
+                         f"max_position_embeddings={config.model.max_position_embeddings}: shorten the prompts or "
+                         "max_new_tokens")
+    return max_len
+
+
 class Rollout:
-    """Rank 0's side: the engine, the teachers, rewards and advantages."""
+    """Rank 0's side: samples from the rollout backend, teachers, rewards and advantages."""
 
-    def __init__(self, config: RunConfig, weights: dict, tokenizer, prompts: PromptSet, teachers: dict, version: int):
+    def __init__(self, config: RunConfig, backend, tokenizer, prompts: PromptSet, teachers: dict):
         from mimo_train.rollout.api import SamplingParams
-        from mimo_train.rollout.engine import Engine, EngineConfig
 
-        rl, model = config.rl, config.model
-        self.config, self.rl, self.tokenizer, self.prompts = config, rl, tokenizer, prompts
+        rl = config.rl
+        self.config, self.rl, self.tokenizer, self.prompts, self.backend = config, rl, tokenizer, prompts, backend
         self.eos = tokenizer.eos_token_id
-        # Sized for the longest prompt of the set: no request can outgrow the cache mid-run.
-        max_len = prompts.longest(tokenizer) + rl.max_new_tokens + 1
-        if max_len > model.max_position_embeddings:
-            raise ValueError(f"the longest RL prompt + rl.max_new_tokens = {max_len} tokens exceeds the model's "
-                             f"max_position_embeddings={model.max_position_embeddings}: shorten the prompts or max_new_tokens")
-        self.engine = Engine(model, weights, EngineConfig(
-            max_batch=min(rl.engine_max_batch, rl.prompts_per_step * rl.group_size), max_len=max_len,
-            seed=config.train.seed), version=version)
-        self.engine.fixed_depth = rl.spec_depth
         self.params = lambda seed: SamplingParams(  # noqa: E731
             temperature=rl.temperature, top_p=rl.top_p, max_new_tokens=rl.max_new_tokens,
             stop_token_ids=(self.eos,), n=rl.group_size, seed=seed, return_routed_experts=True)
         self.teachers = teachers.get("domains", {})
         self.reference = teachers.get("reference")
-
-    def sync(self, weights: dict, version: int) -> None:
-        self.engine.update_weights(weights, version=version)
 
     def collect(self, step: int) -> tuple[list[rl_batch.Sample], dict]:
         rl, seed = self.rl, self.config.train.seed
@@ -130,7 +128,7 @@ class Rollout:
         prompts = [prompt_ids(self.tokenizer, p) for _, p in rows]  # as training documents begin
         t0 = time.time()
         params = [self.params(random.Random(f"{seed}:{step}:{i}").getrandbits(31)) for i in range(len(rows))]
-        completions, stats = self.engine.generate(prompts, params)
+        completions, stats = self.backend.generate(prompts, params)
         t_rollout = time.time() - t0
         samples, rewards = [], []
         for c in completions:
@@ -147,7 +145,7 @@ class Rollout:
         metrics = self._score(samples)
         metrics.update({"time/rollout": t_rollout, "time/teacher": time.time() - t1,
                         "rollout/tokens_per_s": stats.tokens_per_s, "rollout/accept_length": stats.mean_accept_length,
-                        "rollout/occupancy": stats.occupancy, "rollout/policy_version": self.engine.version,
+                        "rollout/occupancy": stats.occupancy, "rollout/policy_version": self.backend.version,
                         "rollout/response_length": sum(len(s.response) for s in samples) / len(samples),
                         "reward/mean": sum(rewards) / len(rewards)})
         for j, a in enumerate(stats.acceptance_per_position):
@@ -180,28 +178,6 @@ class Rollout:
         return metrics
 
 
-def _on_rank0(work, *, share: bool = True):
-    """Run `work` on rank 0; with `share` every rank gets its result (other ranks get None
-    otherwise). An error on rank 0 is raised on every rank, with rank 0's message, so no rank
-    is left waiting in a collective for a rank that has gone."""
-    if dist.get_world_size() == 1:
-        return work()
-    result, error = None, None
-    if dist.get_rank() == 0:
-        try:
-            result = work()
-        except Exception as err:  # raised below, after every rank has heard of it
-            error = err
-    box = [(f"{type(error).__name__}: {error}" if error else None, result if share and not error else None)]
-    dist.broadcast_object_list(box, src=0)
-    if error is not None:
-        raise error
-    message, shared = box[0]
-    if message is not None:
-        raise RuntimeError(f"rank 0 failed: {message}")
-    return result if dist.get_rank() == 0 else shared
-
-
 def load_teachers(config: RunConfig, prompts: PromptSet) -> dict:
     """MOPD: the teacher of every domain the prompts hold, checked against the student's
     vocabulary and tokenizer; GRPO with a KL penalty: the frozen reference. Loaded before the
@@ -226,17 +202,26 @@ def load_teachers(config: RunConfig, prompts: PromptSet) -> dict:
 
 def run_rl(config: RunConfig, layout: Layout) -> dict:
     init_distributed(layout.tp, layout.pp, layout.ep, layout.vpp, seed=config.train.seed)
-    rank0 = dist.get_rank() == 0
     rl = config.rl
     check_resume(config)
     prompts = PromptSet(rl.prompts, rl.domains, config.train.seed)
     tokenizer = load_tokenizer(config.data.tokenizer)
-    teachers = _on_rank0(lambda: load_teachers(config, prompts), share=False) or {}
-    trainer = RLTrainer(config, layout, rl)
-    resumed = resume(trainer, prompts, config, layout)
-    weights = gather_serving_weights(trainer.model, config.model)
-    rollout = _on_rank0(lambda: Rollout(config, weights, tokenizer, prompts, teachers, trainer.step), share=False)
-    del weights
+    teachers = on_rank0(lambda: load_teachers(config, prompts), share=False) or {}
+    # Before the trainer: a server that cannot start, or serves another model, costs no model build.
+    backend = make_backend(config, rollout_max_len(config, prompts, tokenizer))
+    try:
+        trainer = RLTrainer(config, layout, rl)
+        resumed = resume(trainer, prompts, config, layout)
+        backend.push_weights(trainer.model, version=trainer.step)
+        rollout = on_rank0(lambda: Rollout(config, backend, tokenizer, prompts, teachers), share=False)
+        return _train(config, layout, trainer, backend, rollout, prompts, tokenizer, resumed)
+    finally:
+        backend.close()
+
+
+def _train(config: RunConfig, layout: Layout, trainer: RLTrainer, backend, rollout, prompts: PromptSet, tokenizer,
+           resumed) -> dict:
+    rank0 = dist.get_rank() == 0
     tracker = Tracker(config.run_dir, enabled=rank0, total_steps=config.train.steps, start_step=trainer.step,
                       config=config.to_dict(), wandb_project=config.logging.wandb_project,
                       wandb_mode=config.logging.wandb_mode, progress=config.logging.progress, name=config.recipe)
@@ -262,7 +247,7 @@ def run_rl(config: RunConfig, layout: Layout) -> dict:
         while trainer.step < last:
             t0 = time.time()
             # Rank 0's stop signal decides for every rank, so all ranks leave the loop together.
-            collected = _on_rank0(lambda: None if stop.requested else rollout.collect(trainer.step))
+            collected = on_rank0(lambda: None if stop.requested else rollout.collect(trainer.step))
             if collected is None:
                 break
             samples, rollout_metrics = collected
@@ -273,10 +258,8 @@ def run_rl(config: RunConfig, layout: Layout) -> dict:
                                          pad_id=tokenizer.pad_token_id or 0, num_experts=config.model.n_routed_experts)
             result = trainer.train_rl_step(mbs)
             t1 = time.time()
-            weights = gather_serving_weights(trainer.model, config.model)
-            _on_rank0(lambda: rollout.sync(weights, trainer.step), share=False)
-            del weights
-            metrics = {**rollout_metrics, **result.metrics, "time/sync": time.time() - t1,
+            sync = backend.push_weights(trainer.model, version=trainer.step)
+            metrics = {**rollout_metrics, **result.metrics, **sync, "time/sync": time.time() - t1,
                        "time/step": time.time() - t0,
                        "rl/tokens": sum(s.length for s in samples)}
             log_step(trainer, config, tracker, metrics, result.skipped)

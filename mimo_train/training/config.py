@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mimo_train.data.dataset import DataConfig
 from mimo_train.model.config import ModelConfig
-from mimo_train.rl.config import RLConfig, RLConfigError
+from mimo_train.rl.config import RLConfig, RLConfigError, RolloutConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES, CONFIGS = ROOT / "recipes", ROOT / "configs"
@@ -126,6 +126,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     rl: RLConfig = field(default_factory=RLConfig)  # recipes grpo and mopd
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # recipes grpo and mopd
 
     def validate(self) -> None:
         try:
@@ -133,6 +134,7 @@ class RunConfig:
             self.data.validate()
             if self.recipe in ("grpo", "mopd"):
                 self.rl.validate(self.recipe)
+                self.rollout.validate()
                 # Full recompute re-runs the routers in backward, after later micro-batches' forwards
                 # (1F1B): they would replay another micro-batch's experts.
                 _need(self.parallel.recompute != "full" or not any(self.model.moe_layer_freq),

@@ -35,3 +35,32 @@ def mopd_reference(rl_data, student_init, teacher_init, tmp_path_factory):
     train(mopd_args(rl_data, run_dir, student_init, teacher_init, "checkpoint.every=2", "checkpoint.keep_last=5",
                     steps=4))
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def student32(rl_data, tmp_path_factory, megatron_single):
+    """The head-32 tiny model (vLLM's CPU attention size): a student for the vLLM runs."""
+    from tests.rollout.vllm_utils import TINY32_ARGS
+
+    run_dir = tmp_path_factory.mktemp("student32")
+    assert main(init_args(rl_data, run_dir, seed=1, model=tuple(TINY32_ARGS))) == 0
+    return run_dir / "checkpoints"
+
+
+@pytest.fixture(scope="session")
+def teacher32(rl_data, tmp_path_factory, megatron_single):
+    from tests.rollout.vllm_utils import TINY32_ARGS
+
+    run_dir = tmp_path_factory.mktemp("teacher32")
+    assert main(init_args(rl_data, run_dir, seed=2, model=tuple(TINY32_ARGS))) == 0
+    return run_dir / "checkpoints"
+
+
+@pytest.fixture(scope="session")
+def vllm_server(rl_data, tmp_path_factory):
+    """One vLLM server for the runs that are given a URL (as a cluster launcher's would be)."""
+    from tests.rollout.vllm_utils import start_server, tiny32
+
+    server = start_server(tmp_path_factory.mktemp("vllm"), tiny32(), rl_data / "tokenizer")
+    yield server.url
+    server.stop()

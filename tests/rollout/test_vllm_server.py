@@ -1,0 +1,99 @@
+"""A real vLLM server fed by our weight streaming (the trainer's side in this process): after an
+update it computes the trainer's log-probs; its greedy MTP decoding gives our engine's tokens;
+a draft-only update changes acceptance and not one token."""
+
+import pytest
+import torch
+
+from mimo_train.model.gpt import build_model
+from mimo_train.rl.vllm_weight_sync import VLLMWeightSync
+from mimo_train.rl.weight_gather import gather_serving_weights
+from mimo_train.rl.weight_stream import ServingGeometry
+from mimo_train.rollout import Engine, EngineConfig, SamplingParams
+from mimo_train.rollout.vllm.client import VLLMClient
+from tests.rollout.vllm_utils import chain_model, start_server, tiny32, vllm
+from tests.training.runs import make_data
+
+pytestmark = vllm
+K = 3
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, megatron_single):
+    cfg = tiny32()
+    data = make_data(tmp_path_factory.mktemp("vllm_data"), kind="sft", domains=["sort"], n=10, n_eval=2, seed=0)
+    server = start_server(tmp_path_factory.mktemp("vllm_server"), cfg, data / "tokenizer", spec_depth=K)
+    client = VLLMClient(server.url, describe=server.describe())
+    sync = VLLMWeightSync([client], cfg, dtype=torch.float32, geometry=ServingGeometry(pad_v_head=True), drafter=True,
+                          bucket_bytes=64 << 10)
+    yield cfg, client, sync
+    server.stop()
+
+
+def model_with(cfg, seed: int, shape=None):
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+        for name, b in model.named_buffers():
+            if "expert_bias" in name:
+                b.normal_(0, 0.1)
+    if shape:
+        shape(model)
+    return model.eval()
+
+
+def prompt_logprobs(client: VLLMClient, seq: list[int]) -> torch.Tensor:
+    body = {"model": client.model, "prompt": [seq], "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 0}
+    rows = client.call("POST", "/v1/completions", body)["choices"][0]["prompt_logprobs"][1:]
+    return torch.tensor([row[str(t)]["logprob"] for row, t in zip(rows, seq[1:])])
+
+
+def test_an_update_makes_vllm_compute_the_trainers_logprobs(served):
+    cfg, client, sync = served
+    model = model_with(cfg, seed=0)
+    seq = torch.randint(3, cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(1)).tolist()  # > window
+    with torch.no_grad():
+        ours = model(torch.tensor([seq])).logits[0][0, :-1].log_softmax(-1)
+    ours = ours.gather(1, torch.tensor(seq[1:])[:, None]).squeeze(1)
+    before = prompt_logprobs(client, seq)  # the server's dummy weights
+    stats = sync.push([model], version=5)
+    after = prompt_logprobs(client, seq)
+    assert (before - ours).abs().max() > 0.1
+    assert (after - ours).abs().max() <= 1e-4, (after - ours).abs().max()
+    assert client.weight_version() == "5"
+    assert 0 < stats["sync/largest_bucket_bytes"] <= 64 << 10 and stats["sync/buckets"] > 2
+
+
+def greedy(client: VLLMClient, prompts):
+    params = SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True)
+    before = client.spec_counters()
+    tokens = [client.complete(p, params, seed=None).tokens for p in prompts]
+    after = client.spec_counters()
+    drafts, accepted = after[0][0] - before[0][0], after[0][2] - before[0][2]
+    return tokens, 1 + accepted / drafts
+
+
+def test_greedy_mtp_decoding_gives_our_engines_tokens_and_a_draft_update_changes_only_acceptance(served):
+    cfg, client, sync = served
+    model = model_with(cfg, seed=2, shape=chain_model)
+    sync.push([model], version=6)
+    prompts = [[1, 17, 40], [1, 99, 5, 7, 200]]
+    engine = Engine(cfg, gather_serving_weights([model], cfg), EngineConfig(device="cpu", max_batch=2, max_len=64))
+    ours, metrics = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True),
+                                    depth=K)
+    tokens, accept = greedy(client, prompts)
+    assert tokens == [c.tokens for c in ours]
+    assert metrics.mean_accept_length > 3.5 and accept > 3.5  # the drafter is exact by construction
+
+    noisy = model_with(cfg, seed=2, shape=chain_model)
+    with torch.no_grad():
+        for name, p in noisy.named_parameters():
+            if name.startswith("mtp.") and name.endswith("eh_proj.weight"):
+                p.normal_(0, 0.3)
+    sync.push([noisy], version=7, draft_only=True)
+    tokens_after, accept_after = greedy(client, prompts)
+    assert tokens_after == tokens
+    assert accept_after < 2.0
+    assert client.weight_version() == "7"
