@@ -51,18 +51,19 @@ def vllm_config(cfg: ModelConfig, *, pad_v_head: bool) -> dict:
     return hub
 
 
-def write_model_dir(directory: Path, cfg: ModelConfig, tokenizer: str | Path | None, *, pad_v_head: bool) -> Path:
-    """The directory a server starts from: config and tokenizer, no weights."""
+def write_model_dir(directory: Path, cfg: ModelConfig, tokenizer: str | Path, *, pad_v_head: bool) -> Path:
+    """The directory a server starts from: config and tokenizer (vLLM loads one even for token
+    ids in and out), no weights."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(vllm_config(cfg, pad_v_head=pad_v_head), indent=2) + "\n")
     ids = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
     (directory / "generation_config.json").write_text(json.dumps({k: v for k, v in ids.items() if v is not None}))
-    if tokenizer is not None:
-        found = [Path(tokenizer) / n for n in TOKENIZER_FILES if (Path(tokenizer) / n).is_file()]
-        if not found:
-            raise FileNotFoundError(f"no tokenizer files in {tokenizer}: the vLLM server needs the run's tokenizer")
-        for f in found:
-            shutil.copy2(f, directory / f.name)
+    found = [Path(tokenizer) / n for n in TOKENIZER_FILES if (Path(tokenizer) / n).is_file()]
+    if not found:
+        raise FileNotFoundError(f"no tokenizer files in {tokenizer}: the vLLM server needs the run's tokenizer "
+                                "(data.tokenizer)")
+    for f in found:
+        shutil.copy2(f, directory / f.name)
     return directory
 
 
@@ -225,8 +226,11 @@ def first_error(log: Path, default: str = "no error in its log") -> str:
         lines = log.read_text(errors="replace").splitlines()
     except OSError:
         return default
-    for line in lines:
+    for i, line in enumerate(lines):
         m = _ERROR.match(line)
         if m:
-            return f"{m.group(1)}: {m.group(2).strip()}"
+            message = m.group(2).strip()
+            if "validation error" in message and i + 1 < len(lines):  # pydantic puts the reason on the next line
+                message += ": " + lines[i + 1].strip()
+            return f"{m.group(1).rsplit('.', 1)[-1]}: {message}"
     return default

@@ -25,3 +25,12 @@ def parity_model(tmp_path_factory):
 def tiny_model(tmp_path_factory):
     """A 6-token vocabulary: sampled distributions can be enumerated exactly."""
     return make_model(tmp_path_factory.mktemp("tiny"), seed=2, vocab=6)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """The synthetic tasks' tokenizer: vLLM servers load one even for token ids in and out."""
+    from tests.training.runs import make_data
+
+    data = make_data(tmp_path_factory.mktemp("vllm_tokenizer"), kind="sft", domains=["sort"], n=10, n_eval=2, seed=0)
+    return data / "tokenizer"

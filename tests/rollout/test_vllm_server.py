@@ -12,17 +12,15 @@ from mimo_train.rl.weight_stream import ServingGeometry
 from mimo_train.rollout import Engine, EngineConfig, SamplingParams
 from mimo_train.rollout.vllm.client import VLLMClient
 from tests.rollout.vllm_utils import chain_model, start_server, tiny32, vllm
-from tests.training.runs import make_data
 
 pytestmark = vllm
 K = 3
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, megatron_single):
+def served(tmp_path_factory, tokenizer_dir, megatron_single):
     cfg = tiny32()
-    data = make_data(tmp_path_factory.mktemp("vllm_data"), kind="sft", domains=["sort"], n=10, n_eval=2, seed=0)
-    server = start_server(tmp_path_factory.mktemp("vllm_server"), cfg, data / "tokenizer", spec_depth=K)
+    server = start_server(tmp_path_factory.mktemp("vllm_server"), cfg, tokenizer_dir, spec_depth=K)
     client = VLLMClient(server.url, describe=server.describe())
     sync = VLLMWeightSync([client], cfg, dtype=torch.float32, geometry=ServingGeometry(pad_v_head=True), drafter=True,
                           bucket_bytes=64 << 10)

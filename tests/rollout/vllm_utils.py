@@ -29,7 +29,7 @@ def need_vllm() -> None:
         raise AssertionError(f"{VLLM_PYTHON} is missing: run `make setup` (or deselect with -m 'not vllm')")
 
 
-def start_server(directory: Path, cfg: ModelConfig, tokenizer: Path | None, *, spec_depth: int = 0,
+def start_server(directory: Path, cfg: ModelConfig, tokenizer: Path, *, spec_depth: int = 0,
                  max_model_len: int = 256, timeout_s: float = 600) -> VLLMServer:
     """A server on `cfg` (dummy weights until something streams them in), as the run starts one."""
     need_vllm()

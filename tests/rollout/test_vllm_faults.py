@@ -1,0 +1,52 @@
+"""A vLLM server that cannot start says why in one error naming its command and its log, and
+leaves nothing running: a port in use or a missing vLLM environment before anything starts, a
+bad model directory or a KV cache larger than the machine once vLLM has tried."""
+
+import json
+import socket
+
+import pytest
+
+from mimo_train.rollout.vllm.server import ServerError, ServerSpec, VLLMServer, free_port, write_model_dir
+from tests.rollout.vllm_utils import VLLM_PYTHON, group_members, need_vllm, server_groups, tiny32, vllm
+
+
+@pytest.fixture
+def spec(tmp_path, tokenizer_dir):
+    def make(**kw) -> ServerSpec:
+        model = write_model_dir(tmp_path / "model", tiny32(), tokenizer_dir, pad_v_head=True)
+        return ServerSpec(**{"python": str(VLLM_PYTHON), "model": model, "port": free_port(),
+                             "log": tmp_path / "server.log", "kv_cache_bytes": 64 << 20, "max_model_len": 64, **kw})
+    return make
+
+
+def test_a_port_in_use_is_refused_before_starting(spec):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(ServerError, match=rf"port {s.getsockname()[1]} on 127.0.0.1 is in use: set rollout.vllm.port"):
+            VLLMServer(spec(port=s.getsockname()[1])).start()
+
+
+def test_a_missing_vllm_environment_names_make_setup(spec, tmp_path):
+    with pytest.raises(ServerError, match=r"no vLLM environment at .*: run `make setup`"):
+        VLLMServer(spec(python=str(tmp_path / "nowhere" / "python"))).start()
+
+
+@vllm
+@pytest.mark.parametrize("fault,expected", [
+    ("bad_model_dir", r"vLLM server did not start \(exit code \d+\): \w+Error: .*; command `.*--model .*` \(log: .*server.log\)"),
+    ("out_of_memory", r"vLLM server did not start .*Available memory.*; command `.*--kv-cache-memory-bytes .*`"),
+], ids=["bad-model-dir", "out-of-memory"])
+def test_a_server_that_fails_to_start_says_why_and_leaves_nothing(fault, expected, spec):
+    need_vllm()
+    s = spec()
+    if fault == "bad_model_dir":
+        (s.model / "config.json").write_text(json.dumps({"architectures": ["NotAModel"], "model_type": "nope"}))
+    else:
+        s.kv_cache_bytes = 1 << 50  # a petabyte
+    server = VLLMServer(s).start()
+    with pytest.raises(ServerError, match=expected):
+        server.wait_ready(300)
+    server.stop()
+    assert not group_members(server_groups(str(s.model)))
