@@ -1,6 +1,7 @@
 """Benchmark the rollout engine against transformers' `generate` on one model, in one run.
 
     python tools/bench_rollout.py --model DIR [--new-tokens 96] [--threads 1]
+    python tools/bench_rollout.py --model DIR --backend vllm [--depths 0,3]
     python tools/bench_rollout.py --train-demo DIR [--steps 400]
 
 Prints one JSON object: tokens/s of transformers' MiMoV2FlashForCausalLM.generate (same
@@ -8,6 +9,13 @@ weights), of our engine at K = 0 (plain decoding) and K = 1..3 (MTP drafts), at 
 16, with accept lengths and the ratios, all from interleaved rounds of one process (medians,
 so a busy machine biases every configuration alike). Greedy outputs are checked to be
 identical across every configuration.
+
+`--backend vllm` compares our engine with vLLM servers (.venv-vllm, one per depth K: vLLM
+fixes K at start-up) on the same export, greedy, in interleaved rounds: tokens/s at each batch
+and K, the ratio vLLM / ours, accept lengths (vLLM's from its Prometheus counters), and whether
+the greedy outputs agree. vLLM's figures include its HTTP round trips: that is what the RL loop
+pays. The served weights pass through the same pieces weight streaming sends (on CPU with the
+value heads padded to the q/k head dim, and the window vLLM needs: mimo_train/rollout/vllm/server.py).
 
 Prompts: DIR/bench_prompts.json if present (a list of token-id lists, written by
 --train-demo), else random tokens. `--train-demo DIR` trains the `small` preset (main model
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -186,9 +195,118 @@ def bench(args) -> dict:
     return result
 
 
+def bench_vllm(args) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from safetensors.torch import save_file
+
+    from mimo_train import load_hf
+    from mimo_train.rl.weight_stream import ServingGeometry, serving_tensors
+    from mimo_train.rollout import Engine, EngineConfig, SamplingParams
+    from mimo_train.rollout.vllm.client import VLLMClient
+    from mimo_train.rollout.vllm.server import ServerSpec, VLLMServer, free_port, write_model_dir
+    from mimo_train.training.config import ROOT
+
+    model_dir = Path(args.model)
+    handle = load_hf(model_dir, device="cpu")
+    cfg, cuda = handle.config, torch.cuda.is_available()
+    geometry = ServingGeometry(pad_v_head=not cuda and (cfg.v_head_dim != cfg.head_dim or cfg.swa_v_head_dim != cfg.swa_head_dim))
+    work = Path(args.work or model_dir.parent / (model_dir.name + "-vllm"))
+    tokenizer = model_dir
+    if not (model_dir / "tokenizer.json").exists():  # --train-demo models have none; vLLM loads one anyway
+        from mimo_train.data.tokenizer import build_tokenizer
+
+        tokenizer = work / "tokenizer"
+        build_tokenizer(tokenizer)
+    served = write_model_dir(work / "model", cfg, tokenizer, pad_v_head=geometry.pad_v_head)
+    save_file(serving_tensors([handle.model], cfg, geometry=geometry), str(served / "model.safetensors"))
+    batches = [int(b) for b in args.batches.split(",")]
+    depths = [int(k) for k in args.depths.split(",") if int(k) <= cfg.num_nextn_predict_layers]
+    servers = {k: VLLMServer(ServerSpec(
+        python=str(ROOT / ".venv-vllm" / "bin" / "python"), model=served, port=free_port(), log=work / f"server_k{k}.log",
+        dtype="bfloat16" if cuda else "float32", max_model_len=args.max_len, max_num_seqs=max(batches), spec_depth=k,
+        kv_cache_bytes=None if cuda else 1 << 30, dummy_weights=False)).start() for k in depths}
+    try:
+        for server in servers.values():
+            server.wait_ready(600)
+        clients = {k: VLLMClient(s.url, describe=s.describe()) for k, s in servers.items()}
+        engine = Engine.from_pretrained(model_dir, EngineConfig(max_batch=max(batches), max_len=args.max_len))
+        prompts = load_prompts(model_dir, cfg.vocab_size, max(batches), args.prompt_len)
+        params = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens, ignore_eos=True)
+        groups = lambda b: [[p] for p in prompts[:args.batch1_prompts]] if b == 1 else [prompts[:b]]  # noqa: E731
+
+        def ours(batch: int, k: int):
+            texts, seconds, accept = [], 0.0, []
+            for group in groups(batch):
+                completions, m = engine.generate(group, params, depth=k)
+                texts += [c.tokens for c in completions]
+                seconds += m.seconds
+                accept.append((m.mean_accept_length, m.row_steps))
+            return texts, seconds, accept
+
+        def theirs(batch: int, k: int):
+            client, texts, seconds, accept = clients[k], [], 0.0, []
+            for group in groups(batch):
+                before = client.spec_counters()
+                t = time.perf_counter()
+                with ThreadPoolExecutor(len(group)) as pool:
+                    texts += [s.tokens for s in pool.map(lambda p: client.complete(p, params, None), group)]
+                seconds += time.perf_counter() - t
+                after = client.spec_counters()
+                drafts = after[0][0] - before[0][0]
+                accept.append((1 + (after[0][2] - before[0][2]) / drafts if drafts else 1.0, drafts))
+            return texts, seconds, accept
+
+        for b in batches:  # warm-up
+            for k in depths:
+                ours(b, k), theirs(b, k)
+        speeds, outputs, accepts = {}, {}, {}
+        for _ in range(args.rounds):
+            for b in batches:
+                for k in depths:
+                    for name, fn in (("ours", ours), ("vllm", theirs)):
+                        texts, seconds, accept = fn(b, k)
+                        speeds.setdefault((b, k, name), []).append(sum(map(len, texts)) / seconds)
+                        outputs.setdefault((b, k, name), texts)
+                        accepts.setdefault((b, k, name), []).extend(accept)
+    finally:
+        for server in servers.values():
+            server.stop()
+    result = {"model": str(model_dir), "device": "cuda" if cuda else "cpu", "dtype": "bfloat16" if cuda else "float32",
+              "threads_ours": torch.get_num_threads(), "cpu_count": os.cpu_count(), "new_tokens": args.new_tokens,
+              "prompt_len": len(prompts[0]), "rounds": args.rounds, "batch1_prompts": args.batch1_prompts,
+              "padded_v_head": geometry.pad_v_head, "commit": _commit(), "batches": {}}
+    for b in batches:
+        entry = {}
+        for k in depths:
+            for name in ("ours", "vllm"):
+                acc = accepts[(b, k, name)]
+                steps = sum(n for _, n in acc)
+                entry[f"{name}_k{k}"] = {"tokens_per_s": round(statistics.median(speeds[(b, k, name)]), 2),
+                                         "rounds": [round(x, 2) for x in speeds[(b, k, name)]],
+                                         "mean_accept_length": round(sum(a * n for a, n in acc) / steps, 3) if steps else 1.0}
+            entry[f"vllm_over_ours_k{k}"] = round(entry[f"vllm_k{k}"]["tokens_per_s"] / entry[f"ours_k{k}"]["tokens_per_s"], 2)
+            entry[f"greedy_outputs_equal_k{k}"] = outputs[(b, k, "ours")] == outputs[(b, k, "vllm")]
+        result["batches"][str(b)] = entry
+    return result
+
+
+def _commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                                       text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="serving-format model directory")
+    p.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                   help="what our engine is measured against: transformers' generate, or vLLM servers")
+    p.add_argument("--work", help="--backend vllm: directory for the served model and the servers' logs")
     p.add_argument("--train-demo", help="train the small preset's MTP demo model into this directory")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--mtp-weight", type=float, default=0.3, help="weight of the mean MTP loss (training)")
@@ -210,7 +328,7 @@ def main(argv: list[str]) -> None:
         return
     if not args.model:
         p.error("--model DIR (or --train-demo DIR) is required")
-    print(json.dumps(bench(args), indent=2))
+    print(json.dumps(bench_vllm(args) if args.backend == "vllm" else bench(args), indent=2))
 
 
 if __name__ == "__main__":

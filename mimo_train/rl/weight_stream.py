@@ -194,3 +194,22 @@ def _rows(by_name: dict[str, list[LocalPiece]], part: wire.Piece) -> torch.Tenso
                 q.offset[0] <= part.offset[0] and part.offset[0] + part.size[0] <= q.offset[0] + q.size[0]:
             return p.tensor().narrow(0, part.offset[0] - q.offset[0], part.size[0])
     raise KeyError(f"{part.name} at {part.offset}: not among this rank's pieces")
+
+
+def serving_tensors(model_chunks, cfg: ModelConfig, *, dtype: torch.dtype = torch.float32,
+                    geometry: ServingGeometry = ServingGeometry(), bucket_bytes: int = 64 << 20) -> dict[str, torch.Tensor]:
+    """One process: the whole model under serving names in `geometry`, through the same pieces and
+    buckets a stream uses (what a server started from files, rather than streamed into, loads)."""
+    pieces = local_pieces(model_chunks, cfg, dtype=dtype, geometry=geometry)
+    plan = plan_stream(pieces, bucket_bytes)
+    by_name: dict[str, list[LocalPiece]] = {}
+    for p in pieces:
+        by_name.setdefault(p.piece.name, []).append(p)
+    out, assembler = {}, wire.Assembler()
+    for bucket in plan.main + plan.draft:
+        flat = wire.pack(bucket, [_rows(by_name, part) for part in bucket.pieces])
+        for piece, data in wire.unpack(bucket, flat):
+            for name, tensor in assembler.add(piece, data):
+                out[name] = tensor.clone()
+    assembler.finish()
+    return out

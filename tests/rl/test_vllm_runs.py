@@ -45,6 +45,13 @@ def mopd_one_process(rl_data, student32, teacher32, vllm_server, tmp_path_factor
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def grpo_one_process(rl_data, student32, vllm_server, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("grpo_vllm")
+    train(vllm_args("grpo", rl_data, run_dir, student32, url=vllm_server))
+    return run_dir
+
+
 def test_mopd_samples_from_vllm_are_on_policy(mopd_one_process):
     rows = metrics(mopd_one_process)
     assert sorted(rows) == [1, 2]
@@ -53,11 +60,12 @@ def test_mopd_samples_from_vllm_are_on_policy(mopd_one_process):
     assert any(k.startswith("teacher_kl/") for k in rows[1])
 
 
-@pytest.mark.parametrize("recipe,layout", [("mopd", "parallel.tp=1"), ("mopd", "parallel.tp=2")], ids=["dp2", "tp2"])
-def test_world_size_2_matches_one_process(recipe, layout, rl_data, student32, teacher32, vllm_server,
-                                          mopd_one_process, tmp_path):
-    train(vllm_args(recipe, rl_data, tmp_path, student32, layout, teacher=teacher32, url=vllm_server), nproc=2)
-    ours, reference = metrics(tmp_path), metrics(mopd_one_process)
+@pytest.mark.parametrize("recipe,layout", [("mopd", "parallel.tp=1"), ("grpo", "parallel.tp=2")],
+                         ids=["mopd-dp2", "grpo-tp2"])
+def test_world_size_2_matches_one_process(recipe, layout, rl_data, student32, teacher32, vllm_server, request, tmp_path):
+    teacher = teacher32 if recipe == "mopd" else None
+    train(vllm_args(recipe, rl_data, tmp_path, student32, layout, teacher=teacher, url=vllm_server), nproc=2)
+    ours, reference = metrics(tmp_path), metrics(request.getfixturevalue(f"{recipe}_one_process"))
     assert_on_policy(ours)
     for step in (1, 2):
         assert_close(ours[step], reference[step])

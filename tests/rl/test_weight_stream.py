@@ -14,9 +14,8 @@ import torch
 from mimo_train.model.config import ModelConfig
 from mimo_train.model.gpt import build_model
 from mimo_train.rl.weight_gather import gather_serving_weights
-from mimo_train.rl.weight_stream import ServingGeometry, local_pieces, plan_stream
+from mimo_train.rl.weight_stream import ServingGeometry, local_pieces, plan_stream, serving_tensors
 from mimo_train.rollout import Engine, EngineConfig, SamplingParams
-from mimo_train_vllm import wire
 from tests.rollout.rollout_utils import random_prompts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,23 +33,6 @@ def randomised_tiny(**overrides):
     return cfg, model
 
 
-def assemble_locally(pieces, buckets) -> dict[str, torch.Tensor]:
-    """What a worker does with the buckets (`wire.receive`), without the transport."""
-    by_name = {}
-    for p in pieces:
-        by_name.setdefault(p.piece.name, []).append(p)
-    from mimo_train.rl.weight_stream import _rows
-
-    out, assembler = {}, wire.Assembler()
-    for bucket in buckets:
-        flat = wire.pack(bucket, [_rows(by_name, part) for part in bucket.pieces])
-        for piece, data in wire.unpack(bucket, flat):
-            for name, tensor in assembler.add(piece, data):
-                out[name] = tensor.clone()
-    assembler.finish()
-    return out
-
-
 def test_buckets_rebuild_the_gathered_weights_and_respect_the_bound(megatron_single):
     cfg, model = randomised_tiny()
     pieces = local_pieces([model], cfg, dtype=torch.float32)
@@ -60,7 +42,7 @@ def test_buckets_rebuild_the_gathered_weights_and_respect_the_bound(megatron_sin
     assert any(len(b.pieces) > 1 for b in plan.main)  # small tensors share buckets
     names = [p.name for b in plan.main for p in b.pieces]
     assert len(names) > len(set(names))  # and big ones span several
-    got = {**assemble_locally(pieces, plan.main), **assemble_locally(pieces, plan.draft)}
+    got = serving_tensors([model], cfg, bucket_bytes=bound)
     expected = gather_serving_weights([model], cfg)
     assert sorted(got) == sorted(expected)
     for name, tensor in expected.items():
@@ -74,9 +56,7 @@ def test_padded_value_heads_compute_the_same_function(megatron_single):
     cfg, model = randomised_tiny()
     assert cfg.v_head_dim != cfg.head_dim
     geometry = ServingGeometry(pad_v_head=True)
-    pieces = local_pieces([model], cfg, dtype=torch.float32, geometry=geometry)
-    plan = plan_stream(pieces, 1 << 20)
-    padded = {**assemble_locally(pieces, plan.main), **assemble_locally(pieces, plan.draft)}
+    padded = serving_tensors([model], cfg, geometry=geometry, bucket_bytes=1 << 12)
     plain = gather_serving_weights([model], cfg)
     v = "model.layers.1.self_attn.v_proj.weight"
     assert padded[v].shape[0] > plain[v].shape[0] and padded[v].abs().sum() == plain[v].abs().sum()
