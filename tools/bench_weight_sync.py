@@ -8,12 +8,14 @@ rank sends the pieces it owns, in buckets, into a real vLLM server (`rl/vllm_wei
 which loads them. For each: seconds per update (median of --repeats, after one warm-up) and the
 peak memory each rank holds beyond its model while it runs (RSS sampled every 2 ms). Prints one
 JSON document (rank 0), with the ratios stream / gather. Model sizes use head dim 64 so that
-vLLM's CPU attention takes them.
+vLLM's CPU attention takes them. Large allocations are mmapped at a fixed threshold (mallopt),
+so that a freed buffer leaves the process instead of staying in glibc's heap and in the RSS.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import math
@@ -38,7 +40,14 @@ SIZES = {  # overrides of the `tiny` preset
 }
 HEADS = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=64, v_head_dim=64, swa_num_attention_heads=4,
              swa_num_key_value_heads=2, swa_head_dim=64, swa_v_head_dim=64,
-             num_nextn_predict_layers=0)  # both paths then move the same tensors
+             partial_rotary_factor=0.25, num_nextn_predict_layers=0)  # MTP off: both paths move the same tensors
+
+
+def exact_rss() -> None:
+    """Make RSS follow live memory: allocations of 128 KiB and more are mmapped and returned to
+    the system when freed (glibc otherwise raises that threshold as buffers are freed and keeps
+    up to twice a freed buffer in its heap)."""
+    ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD, which also fixes it
 
 
 class PeakRSS:
@@ -46,6 +55,7 @@ class PeakRSS:
 
     def __enter__(self):
         gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         self.proc, self.base, self.peak, self.running = psutil.Process(), psutil.Process().memory_info().rss, 0, True
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
@@ -87,6 +97,7 @@ def main(argv: list[str]) -> dict | None:
     a = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
+    exact_rss()
 
     from mimo_train.convert.names import hf_shapes
     from mimo_train.model.config import ModelConfig

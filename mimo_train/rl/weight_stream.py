@@ -166,7 +166,7 @@ def plan_stream(pieces: list[LocalPiece], bucket_bytes: int, *, group=None) -> S
     return StreamPlan(main, draft, bucket_bytes)
 
 
-def send_buckets(link: wire.Link, buckets: list[wire.Bucket], pieces: list[LocalPiece], rank: int,
+def send_buckets(link: wire.Link | None, buckets: list[wire.Bucket], pieces: list[LocalPiece], rank: int,
                  workers: list[int]) -> int:
     """Send this rank's buckets to every worker, one bucket in memory at a time; returns the
     largest bucket sent (bytes)."""
@@ -177,7 +177,7 @@ def send_buckets(link: wire.Link, buckets: list[wire.Bucket], pieces: list[Local
     for bucket in buckets:
         if bucket.src != rank:
             continue
-        flat = wire.pack(bucket, (_rows(by_name, part) for part in bucket.pieces), device=link.device)
+        flat = wire.pack(bucket, (_rows(by_name, part) for part in bucket.pieces), device=link.device if link else "cpu")
         for worker in workers:
             link.send(flat, worker)
         largest = max(largest, flat.numel() * flat.element_size())
