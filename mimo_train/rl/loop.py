@@ -1,11 +1,12 @@
-"""The RL run (recipes grpo and mopd): a thin loop over the trainer and the rollout engine.
+"""The RL run (recipes grpo and mopd): a thin loop over the trainer and a rollout backend.
 
-    one step = prompts -> engine.generate (current policy, MTP drafts) -> rewards (checkers)
+    one step = prompts -> backend.generate (current policy, MTP drafts) -> rewards (checkers)
                [-> teacher log-probs on the student's tokens (MOPD)] -> advantages
-               -> RLTrainer.train_rl_step -> weights gathered -> engine.update_weights
+               -> RLTrainer.train_rl_step -> backend.push_weights (every rank: a collective)
 
-Rank 0 owns the engine and the teachers and broadcasts the step's samples; every rank trains
-on its data-parallel share. Prompts and sampling seeds are functions of (seed, step), so a
+The backend (`rl/rollout_backend.py`, `rollout=native|vllm`) is our engine in rank 0's process or
+vLLM servers. Rank 0 samples, owns the teachers and broadcasts the step's samples; every rank
+trains on its data-parallel share. Prompts and sampling seeds are functions of (seed, step), so a
 resumed run samples exactly what an uninterrupted one would have.
 """
 

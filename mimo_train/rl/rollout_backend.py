@@ -24,7 +24,6 @@ from mimo_train.training.config import RunConfig
 
 class RolloutBackend(Protocol):
     version: int  # the policy version of the weights the next samples are drawn with
-    routes: bool  # whether completions carry routed experts (for routing replay)
 
     def generate(self, prompts: list[list[int]], params: list) -> tuple[list, object]: ...
 
@@ -40,8 +39,6 @@ class RolloutBackend(Protocol):
 class NativeRollout:
     """Our engine in rank 0's process. Weights reach it by a gather to rank 0 (all of them, in
     fp32: the right trade for a model a CPU or one GPU trains; vLLM streams instead)."""
-
-    routes = True
 
     def __init__(self, config: RunConfig, max_len: int):
         self.config, self.max_len = config, max_len

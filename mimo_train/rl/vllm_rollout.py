@@ -34,8 +34,7 @@ from mimo_train.rollout.vllm.client import ServerUnavailable, VLLMClient
 from mimo_train.rollout.vllm.server import (ServerError, ServerSpec, VLLMServer, first_error, free_port,
                                             vllm_config, write_model_dir)
 from mimo_train.training.config import ROOT, RunConfig
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from mimo_train_vllm.wire import DTYPES
 # What must agree between a server's config.json and the trainer's model for their functions to match.
 FUNCTION_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "moe_intermediate_size",
                    "num_attention_heads", "num_key_value_heads", "head_dim", "v_head_dim", "swa_num_attention_heads",
@@ -194,7 +193,7 @@ class VLLMRollout:
         positions = max((len(a[1]) for a in after), default=0)
         per_pos = [sum((a[1][k] if k < len(a[1]) else 0.0) - (b[1][k] if k < len(b[1]) else 0.0)
                        for a, b in zip(after, before)) for k in range(positions)]
-        metrics.row_steps = metrics.steps = int(drafts)
+        metrics.row_steps = int(drafts)  # (request, verify step) pairs: the weight of the rates below
         metrics.mean_accept_length = 1.0 + accepted / drafts if drafts else 1.0
         metrics.acceptance_per_position = [x / drafts for x in per_pos] if drafts else []
         metrics.depth_steps = {self.spec_depth: int(drafts)}
@@ -207,11 +206,11 @@ class VLLMRollout:
         if routed.shape[1] == self.cfg.num_hidden_layers:
             routed = routed[:, moe]
         elif routed.shape[1] != len(moe):
-            raise ServerUnavailable(f"vLLM returned routed experts for {routed.shape[1]} layers; the model has "
+            raise ValueError(f"vLLM returned routed experts for {routed.shape[1]} layers; the model has "
                                     f"{self.cfg.num_hidden_layers} ({len(moe)} MoE)")
         positions = len(prompt) + len(tokens) - 1
         if routed.shape[0] != positions:
-            raise ServerUnavailable(f"vLLM returned routed experts for {routed.shape[0]} positions, the sample has "
+            raise ValueError(f"vLLM returned routed experts for {routed.shape[0]} positions, the sample has "
                                     f"{positions}")
         return routed
 

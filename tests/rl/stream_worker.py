@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node 2 tests/rl/stream_worker.py send PORT DIR    # the trainer ranks
     python tests/rl/stream_worker.py receive PORT DIR                      # a worker (rank 2)
+    python tests/rl/stream_worker.py memory 0 -                            # one rank's peak memory
 
 For each layout (TP=2, EP=2, PP=2) the trainer ranks build the same randomised tiny model, plan
 the stream, put the manifest in the transfer group's store and send their buckets; the receiver
@@ -68,8 +69,30 @@ def receive(port: int, out: Path) -> None:
         torch.save(got, out / f"{name}.received.pt")
 
 
+def memory(port: int, out) -> None:
+    """Peak memory of packing every bucket of bench_weight_sync's model "s" (one process, no
+    sending): printed as JSON."""
+    from mimo_train.model.config import ModelConfig
+    from mimo_train.model.gpt import build_model
+    from mimo_train.parallel.setup import init_distributed
+    from mimo_train.rl.weight_stream import local_pieces, plan_stream, send_buckets
+    from tests.training.runs import tool
+
+    bench = tool("bench_weight_sync")
+    bench.exact_rss()
+    init_distributed()
+    cfg = ModelConfig.preset("tiny", **bench.HEADS, **bench.SIZES["s"])
+    model = build_model(cfg)
+    pieces = local_pieces([model], cfg, dtype=torch.float32)
+    bound = 4 << 20
+    plan = plan_stream(pieces, bound)
+    with bench.PeakRSS() as rss:
+        largest = send_buckets(None, plan.main + plan.draft, pieces, rank=0, workers=[])
+    print(json.dumps({"peak": rss.peak, "bound": bound, "largest": largest, "plan_bytes": plan.nbytes}))
+
+
 if __name__ == "__main__":
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     role, port, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
-    (send if role == "send" else receive)(port, out)
+    {"send": send, "receive": receive, "memory": memory}[role](port, out)
