@@ -13,12 +13,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import http.client
 import json
 import math
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,31 +186,20 @@ class RemoteTeacher:
         return [torch.tensor(lp, dtype=torch.float32) for lp in out]
 
     def _call(self, method: str, path: str, body: dict | None = None) -> dict:
-        data = None if body is None else json.dumps(body).encode()
-        attempts, last = self.retries + 1, None
-        for attempt in range(attempts):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            req = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                    return json.loads(resp.read())
-            except urllib.error.HTTPError as e:
-                message = e.read().decode(errors="replace")  # the server answers errors in plain text
-                if e.code < 500:
-                    raise ValueError(f"teacher {self.name!r} at {self.url} refused the request "
-                                     f"(HTTP {e.code}): {message}") from None
-                last = f"HTTP {e.code}: {message}"
-            except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out (URLError is an OSError)
-                reason = getattr(e, "reason", e)
-                last = f"timed out after {self.timeout_s}s" if isinstance(reason, TimeoutError) else \
-                    f"{type(reason).__name__}: {reason}"
-        raise TeacherUnavailable(
-            f"teacher {self.name!r} (domain {self.domain!r}) at {self.url}{path} did not answer after {attempts} "
-            f"attempts (timeout {self.timeout_s}s each); last error: {last}. Start it with "
-            f"`python tools/serve_teacher.py --ckpt {self.spec.checkpoint} --port PORT --name {self.name}` "
-            f"or drop `server` from the teacher's config to run it in-process") from None
+        from mimo_train.rollout import http_json
+
+        try:
+            return http_json.request(self.url + path, method, body, timeout_s=self.timeout_s, retries=self.retries,
+                                backoff_s=self.backoff_s)
+        except http_json.Refused as e:  # the server answers errors in plain text
+            raise ValueError(f"teacher {self.name!r} at {self.url} refused the request "
+                             f"(HTTP {e.code}): {e.message}") from None
+        except http_json.Unavailable as e:
+            raise TeacherUnavailable(
+                f"teacher {self.name!r} (domain {self.domain!r}) at {self.url}{path} did not answer after {e.attempts} "
+                f"attempts (timeout {self.timeout_s}s each); last error: {e.last}. Start it with "
+                f"`python tools/serve_teacher.py --ckpt {self.spec.checkpoint} --port PORT --name {self.name}` "
+                f"or drop `server` from the teacher's config to run it in-process") from None
 
 
 Teacher = InProcessTeacher | RemoteTeacher

@@ -1,25 +1,21 @@
 """HTTP client of one vLLM server: token-in / token-out completions, the RL control routes
-(pause, resume, weight transfer), Prometheus counters. Standard library only.
+(pause, resume, weight transfer), Prometheus counters.
 
 Requests that fail for a reason that may pass (connection refused or reset, timeout, 5xx) are
 retried with exponential backoff, then raise `ServerUnavailable`; a 4xx (our request was bad)
-raises ValueError at once.
+raises ValueError at once (`mimo_train.rollout.http_json`).
 """
 
 from __future__ import annotations
 
 import base64
-import http.client
 import io
-import json
 import re
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 
 import torch
 
+from mimo_train.rollout import http_json
 from mimo_train.rollout.api import SamplingParams
 
 
@@ -53,29 +49,15 @@ class VLLMClient:
     # ---- transport -----------------------------------------------------------------------------
     def call(self, method: str, path: str, body: dict | None = None, *, timeout_s: float | None = None,
              retries: int | None = None, raw: bool = False):
-        data = None if body is None else json.dumps(body).encode()
-        attempts, last = (self.retries if retries is None else retries) + 1, None
-        for attempt in range(attempts):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            req = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:
-                    payload = resp.read()
-                    return payload.decode() if raw else json.loads(payload or b"{}")
-            except urllib.error.HTTPError as e:
-                message = e.read().decode(errors="replace")[:2000]
-                if e.code < 500:
-                    raise ValueError(f"vLLM server {self.url} refused {method} {path} (HTTP {e.code}): {message}") \
-                        from None
-                last = f"HTTP {e.code}: {message}"
-            except (OSError, http.client.HTTPException) as e:
-                reason = getattr(e, "reason", e)
-                last = f"timed out after {timeout_s or self.timeout_s}s" if isinstance(reason, TimeoutError) else \
-                    f"{type(reason).__name__}: {reason}"
-        raise ServerUnavailable(f"vLLM server {self.describe}: {method} {path} failed after {attempts} attempt(s); "
-                                f"last error: {last}")
+        try:
+            return http_json.request(self.url + path, method, body, timeout_s=timeout_s or self.timeout_s,
+                                retries=self.retries if retries is None else retries, backoff_s=self.backoff_s, raw=raw)
+        except http_json.Refused as e:
+            raise ValueError(f"vLLM server {self.url} refused {method} {path} (HTTP {e.code}): {e.message[:2000]}") \
+                from None
+        except http_json.Unavailable as e:
+            raise ServerUnavailable(f"vLLM server {self.describe}: {method} {path} failed after {e.attempts} "
+                                    f"attempt(s); last error: {e.last[:2000]}") from None
 
     # ---- facts -----------------------------------------------------------------------------------
     def healthy(self) -> bool:
