@@ -201,16 +201,16 @@ def bench_vllm(args) -> dict:
     from safetensors.torch import save_file
 
     from mimo_train import load_hf
-    from mimo_train.rl.weight_stream import ServingGeometry, serving_tensors
+    from mimo_train.rl.weight_stream import serving_tensors
     from mimo_train.rollout import Engine, EngineConfig, SamplingParams
-    from mimo_train.rollout.vllm.client import VLLMClient
-    from mimo_train.rollout.vllm.server import ServerSpec, VLLMServer, free_port, write_model_dir
+    from mimo_train.rollout.vllm.client import VLLMClient, spec_delta
+    from mimo_train.rollout.vllm.server import ServerSpec, ServingGeometry, VLLMServer, free_port, write_model_dir
     from mimo_train.training.config import ROOT
 
     model_dir = Path(args.model)
     handle = load_hf(model_dir, device="cpu")
     cfg, cuda = handle.config, torch.cuda.is_available()
-    geometry = ServingGeometry(pad_v_head=not cuda and (cfg.v_head_dim != cfg.head_dim or cfg.swa_v_head_dim != cfg.swa_head_dim))
+    geometry = ServingGeometry.for_device(cfg, cuda=cuda)
     work = Path(args.work or model_dir.parent / (model_dir.name + "-vllm"))
     tokenizer = model_dir
     if not (model_dir / "tokenizer.json").exists():  # --train-demo models have none; vLLM loads one anyway
@@ -247,14 +247,13 @@ def bench_vllm(args) -> dict:
         def theirs(batch: int, k: int):
             client, texts, seconds, accept = clients[k], [], 0.0, []
             for group in groups(batch):
-                before = client.spec_counters()
+                before = [client.spec_counters()]
                 t = time.perf_counter()
                 with ThreadPoolExecutor(len(group)) as pool:
                     texts += [s.tokens for s in pool.map(lambda p: client.complete(p, params, None), group)]
                 seconds += time.perf_counter() - t
-                after = client.spec_counters()
-                drafts = after[0][0] - before[0][0]
-                accept.append((1 + (after[0][2] - before[0][2]) / drafts if drafts else 1.0, drafts))
+                drafts, accept_length, _ = spec_delta(before, [client.spec_counters()])
+                accept.append((accept_length, drafts))
             return texts, seconds, accept
 
         for b in batches:  # warm-up

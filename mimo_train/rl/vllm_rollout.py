@@ -27,12 +27,11 @@ import torch
 from mimo_train.parallel.rank0 import on_rank0
 from mimo_train.rl.teachers import tokenizer_fingerprint
 from mimo_train.rl.vllm_weight_sync import VLLMWeightSync
-from mimo_train.rl.weight_stream import ServingGeometry
 from mimo_train.rollout.api import Completion, Metrics
 from mimo_train.rollout.rng import request_seed
-from mimo_train.rollout.vllm.client import ServerUnavailable, VLLMClient
-from mimo_train.rollout.vllm.server import (ServerError, ServerSpec, VLLMServer, first_error, free_port,
-                                            vllm_config, write_model_dir)
+from mimo_train.rollout.vllm.client import ServerUnavailable, VLLMClient, spec_delta
+from mimo_train.rollout.vllm.server import (ServerError, ServerSpec, ServingGeometry, VLLMServer, first_error,
+                                            free_port, vllm_config, write_model_dir)
 from mimo_train.training.config import ROOT, RunConfig
 from mimo_train_vllm.wire import DTYPES
 # What must agree between a server's config.json and the trainer's model for their functions to match.
@@ -50,9 +49,8 @@ class VLLMRollout:
         self.max_len = max_len
         self.cuda = torch.cuda.is_available()
         self.dtype = self.v.dtype if self.v.dtype != "auto" else ("bfloat16" if self.cuda else "float32")
-        pad = self.v.pad_v_head if self.v.pad_v_head is not None else \
-            (not self.cuda and (self.cfg.v_head_dim != self.cfg.head_dim or self.cfg.swa_v_head_dim != self.cfg.swa_head_dim))
-        self.geometry = ServingGeometry(pad_v_head=pad)
+        self.geometry = ServingGeometry(self.v.pad_v_head) if self.v.pad_v_head is not None else \
+            ServingGeometry.for_device(self.cfg, cuda=self.cuda)
         depth = self.rl.spec_depth if self.rl.spec_depth is not None else self.cfg.num_nextn_predict_layers
         self.spec_depth = min(depth, self.cfg.num_nextn_predict_layers)
         self.routes = self.cuda and any(self.cfg.moe_layer_freq)
@@ -188,15 +186,9 @@ class VLLMRollout:
             raise e
 
     def _spec_metrics(self, metrics: Metrics, before, after) -> None:
-        drafts = sum(a[0][0] - b[0][0] for a, b in zip(after, before))
-        accepted = sum(a[0][2] - b[0][2] for a, b in zip(after, before))
-        positions = max((len(a[1]) for a in after), default=0)
-        per_pos = [sum((a[1][k] if k < len(a[1]) else 0.0) - (b[1][k] if k < len(b[1]) else 0.0)
-                       for a, b in zip(after, before)) for k in range(positions)]
-        metrics.row_steps = int(drafts)  # (request, verify step) pairs: the weight of the rates below
-        metrics.mean_accept_length = 1.0 + accepted / drafts if drafts else 1.0
-        metrics.acceptance_per_position = [x / drafts for x in per_pos] if drafts else []
-        metrics.depth_steps = {self.spec_depth: int(drafts)}
+        drafts, metrics.mean_accept_length, metrics.acceptance_per_position = spec_delta(before, after)
+        metrics.row_steps = drafts  # (request, verify step) pairs: the weight of the rates above
+        metrics.depth_steps = {self.spec_depth: drafts}
 
     def _moe_routing(self, routed: torch.Tensor | None, prompt, tokens) -> torch.Tensor | None:
         """vLLM reports every layer ([positions, layers, k]); training replays the MoE layers."""

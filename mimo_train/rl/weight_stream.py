@@ -7,14 +7,13 @@ for export, import and sync). Rank 0 gathers the pieces' metadata (names and reg
 data), cuts them into buckets of at most `bucket_bytes` (`mimo_train_vllm.wire`) and shares
 the plan; then every rank packs its own buckets one at a time and sends each to every worker
 of the server. The extra memory a rank holds is one bucket (plus one piece being reshaped,
-where the server's geometry differs: see `ServingGeometry`), whatever the model's size.
+where the server's geometry differs: `ServingGeometry`), whatever the model's size.
 The main model and the MTP layers travel as two plans: vLLM loads them into two models
 (the target and the drafter).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,25 +25,10 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factor
 from mimo_train.convert.exporter import KEEP_FP32, Entry, plan
 from mimo_train.model.config import ModelConfig
 from mimo_train.rl.weight_gather import _is_main_replica, sharded_metadata
+from mimo_train.rollout.vllm.server import ServingGeometry
 from mimo_train_vllm import wire
 
 MTP_PREFIX = "model.mtp."
-
-
-@dataclass(frozen=True)
-class ServingGeometry:
-    """How the server's model differs from the trainer's, with the same function.
-
-    `pad_v_head`: v_proj rows and o_proj columns zero-padded per head from v_head_dim to the
-    q/k head dim (vLLM's CPU attention needs v dim == q/k dim; zero value channels meet zero
-    o_proj columns, so outputs do not change)."""
-
-    pad_v_head: bool = False
-
-    def config(self, cfg: ModelConfig) -> ModelConfig:
-        if not self.pad_v_head:
-            return cfg
-        return dataclasses.replace(cfg, v_head_dim=cfg.head_dim, swa_v_head_dim=cfg.swa_head_dim)
 
 
 @dataclass
@@ -73,7 +57,7 @@ def _entry_region(e: Entry, shape: tuple[int, ...]) -> tuple[list[int], list[int
 
 
 def _pieces_of_shard(entries: list[Entry], shape: tuple[int, ...], offset: tuple[int, ...], data: torch.Tensor):
-    """(entry, piece, tensor view) for every serving tensor a checkpoint shard overlaps."""
+    """(piece, tensor view) for every serving tensor a checkpoint shard overlaps."""
     for e in entries:
         lo, hi = _entry_region(e, shape)
         start = [max(a, o) for a, o in zip(lo, offset)]
@@ -85,7 +69,7 @@ def _pieces_of_shard(entries: list[Entry], shape: tuple[int, ...], offset: tuple
         size = [b - a for a, b in zip(start, stop)]
         if e.index is not None:  # the expert axis is not part of the serving tensor
             view, rel, size = view[0], rel[1:], size[1:]
-        yield e, wire.Piece(e.hf, tuple(e.shape), tuple(rel), tuple(size)), view
+        yield wire.Piece(e.hf, tuple(e.shape), tuple(rel), tuple(size)), view
 
 
 def _pad_heads(piece: wire.Piece, fetch, dim: int, dv: int, dk: int) -> tuple[wire.Piece, Callable]:
@@ -124,7 +108,7 @@ def local_pieces(model_chunks, cfg: ModelConfig, *, dtype: torch.dtype,
                 raise RuntimeError(f"{sh.key}: a flattened shard in the model's state dict; expected whole tensor shards")
             data = sh.data.detach()
             data = data.reshape((1,) * sh.prepend_axis_num + tuple(data.shape))
-            for e, piece, view in _pieces_of_shard(entries[sh.key], tuple(sh.global_shape), tuple(sh.global_offset),
+            for piece, view in _pieces_of_shard(entries[sh.key], tuple(sh.global_shape), tuple(sh.global_offset),
                                                    data):
                 fetch = (lambda v: lambda: v)(view)
                 if geometry.pad_v_head and piece.name.endswith(("self_attn.v_proj.weight", "self_attn.o_proj.weight")):

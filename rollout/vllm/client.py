@@ -136,6 +136,20 @@ class VLLMClient:
         return self.call("GET", "/weight_info").get("weight_version")
 
 
+def spec_delta(before: list, after: list) -> tuple[int, float, list[float]]:
+    """Drafting between two readings of `spec_counters()` of each server (lists, one reading per
+    server): (drafts, i.e. (request, verify step) pairs; mean accept length, tokens kept per
+    verify, 1 when nothing drafted; acceptance rate of each draft position)."""
+    drafts = int(sum(a[0][0] - b[0][0] for a, b in zip(after, before)))
+    accepted = sum(a[0][2] - b[0][2] for a, b in zip(after, before))
+    positions = max((len(a[1]) for a in after), default=0)
+    per_pos = [sum((a[1][k] if k < len(a[1]) else 0.0) - (b[1][k] if k < len(b[1]) else 0.0)
+                   for a, b in zip(after, before)) for k in range(positions)]
+    if not drafts:
+        return 0, 1.0, []
+    return drafts, 1.0 + accepted / drafts, [x / drafts for x in per_pos]
+
+
 def decode_routed_experts(field: str | None) -> torch.Tensor | None:
     """vLLM's `routed_experts`: base64 of an .npy array [tokens - 1, layers, top-k] (no pickles)."""
     if not field:

@@ -12,7 +12,7 @@ compute the trainer's function:
     and our trainer to the query and `sliding_window_size` previous tokens. The server is given
     one more (measured: log-probs equal ours only with it, once a sequence outgrows the window).
   - with `pad_v_head` (CPU only needs it), v_head_dim is the q/k head dim; the weights are
-    padded to match as they stream (`mimo_train.rl.weight_stream.ServingGeometry`).
+    padded to match as they stream (`ServingGeometry`, `mimo_train.rl.weight_stream`).
 """
 
 from __future__ import annotations
@@ -41,12 +41,32 @@ class ServerError(RuntimeError):
     """A vLLM server that cannot start or has stopped; the message names the command and log."""
 
 
+@dataclass(frozen=True)
+class ServingGeometry:
+    """How the served model's shapes differ from the trainer's, with the same function.
+
+    `pad_v_head`: v_proj rows and o_proj columns zero-padded per head from v_head_dim to the
+    q/k head dim (vLLM's CPU attention needs v dim == q/k dim; zero value channels meet zero
+    o_proj columns, so outputs do not change). The weights are padded as they stream
+    (`mimo_train.rl.weight_stream`)."""
+
+    pad_v_head: bool = False
+
+    @classmethod
+    def for_device(cls, cfg: ModelConfig, *, cuda: bool) -> "ServingGeometry":
+        """What vLLM needs: padding only on CPU, and only where the dims differ."""
+        return cls(pad_v_head=not cuda and (cfg.v_head_dim != cfg.head_dim or cfg.swa_v_head_dim != cfg.swa_head_dim))
+
+    def config(self, cfg: ModelConfig) -> ModelConfig:
+        if not self.pad_v_head:
+            return cfg
+        return dataclasses.replace(cfg, v_head_dim=cfg.head_dim, swa_v_head_dim=cfg.swa_head_dim)
+
+
 def vllm_config(cfg: ModelConfig, *, pad_v_head: bool) -> dict:
     """config.json for a vLLM server computing `cfg`'s function (see the module docstring)."""
-    served = dataclasses.replace(cfg, sliding_window_size=cfg.sliding_window_size + 1)
-    if pad_v_head:
-        served = dataclasses.replace(served, v_head_dim=cfg.head_dim, swa_v_head_dim=cfg.swa_head_dim)
-    hub = served.to_hub_dict()
+    served = ServingGeometry(pad_v_head).config(cfg)
+    hub = dataclasses.replace(served, sliding_window_size=cfg.sliding_window_size + 1).to_hub_dict()
     hub["torch_dtype"] = "float32"
     return hub
 

@@ -10,7 +10,7 @@ from mimo_train.rl.vllm_weight_sync import VLLMWeightSync
 from mimo_train.rl.weight_gather import gather_serving_weights
 from mimo_train.rl.weight_stream import ServingGeometry
 from mimo_train.rollout import Engine, EngineConfig, SamplingParams
-from mimo_train.rollout.vllm.client import VLLMClient
+from mimo_train.rollout.vllm.client import VLLMClient, spec_delta
 from tests.rollout.vllm_utils import chain_model, start_server, tiny32, vllm
 
 pytestmark = vllm
@@ -66,11 +66,11 @@ def test_an_update_makes_vllm_compute_the_trainers_logprobs(served):
 
 def greedy(client: VLLMClient, prompts):
     params = SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True)
-    before = client.spec_counters()
+    before = [client.spec_counters()]
     tokens = [client.complete(p, params, seed=None).tokens for p in prompts]
-    after = client.spec_counters()
-    drafts, accepted = after[0][0] - before[0][0], after[0][2] - before[0][2]
-    return tokens, 1 + accepted / drafts
+    drafts, accept_length, _ = spec_delta(before, [client.spec_counters()])
+    assert drafts > 0
+    return tokens, accept_length
 
 
 def test_greedy_mtp_decoding_gives_our_engines_tokens_and_a_draft_update_changes_only_acceptance(served):
