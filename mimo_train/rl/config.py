@@ -22,7 +22,9 @@ class TeacherConfig:
     name: str = ""
     domain: str = ""  # the prompts of this domain (data row field `domain`) go to this teacher
     checkpoint: str = ""  # training checkpoint dir or serving dir
-    server: str | None = None  # http://127.0.0.1:PORT of `tools/serve_teacher.py`; null: in-process
+    server: str | None = None  # http://127.0.0.1:PORT of `tools/serve_teacher.py` (or of vLLM); null: in-process
+    vllm: bool = False  # served by vLLM: at `server`, or (null) on a server the run starts (docs/vllm.md)
+    tensor_parallel: int = 1  # of the vLLM server the run starts for this teacher
 
 
 @dataclass
@@ -76,6 +78,11 @@ class RLConfig:
             for t in self.teachers:
                 _need(bool(t.name and t.domain and t.checkpoint),
                       f"rl.teachers entry {t}: name, domain and checkpoint are all required")
+                _need(t.tensor_parallel >= 1, f"rl.teachers entry {t.name!r}: tensor_parallel must be >= 1")
+                # vLLM's prompt log-probs come from the raw logits, whatever the request's temperature.
+                _need(not t.vllm or self.temperature == 1,
+                      f"rl.teachers entry {t.name!r} is served by vLLM, which scores at temperature 1 only; the run "
+                      f"samples at rl.temperature={self.temperature}: set rl.temperature=1 or drop `vllm` from it")
 
 
 @dataclass

@@ -179,26 +179,42 @@ class Rollout:
         return metrics
 
 
-def load_teachers(config: RunConfig, prompts: PromptSet) -> dict:
+def load_teachers(config: RunConfig, prompts: PromptSet, max_len: int) -> dict:
     """MOPD: the teacher of every domain the prompts hold, checked against the student's
     vocabulary and tokenizer; GRPO with a KL penalty: the frozen reference. Loaded before the
-    trainer is built, so a wrong teacher costs seconds, not a model build."""
+    trainer is built, so a wrong teacher costs seconds, not a model build. vLLM teachers' servers
+    are in out["servers"] (`close_teachers` stops them)."""
     from mimo_train.rl.teachers import TeacherSpec, check_compatible, check_domains, make_teacher
+    from mimo_train.rl.vllm_teacher import VLLMTeachers
 
     rl, out = config.rl, {}
-    if rl.algorithm == "mopd":
-        teachers = {t.domain: make_teacher(TeacherSpec(t.name, t.domain, t.checkpoint, t.server),
-                                           timeout_s=rl.teacher_timeout_s, retries=rl.teacher_retries)
-                    for t in rl.teachers}
-        check_compatible(config.model.vocab_size, config.data.tokenizer, list(teachers.values()))
-        check_domains(prompts.domains, teachers)
-        out["domains"] = teachers
-    if rl.algorithm == "grpo" and rl.kl_coef > 0:
-        ref = rl.reference or config.checkpoint.load
-        if not ref:
-            raise ValueError("rl.kl_coef > 0 needs a reference: set rl.reference or checkpoint.load")
-        out["reference"] = make_teacher(TeacherSpec("reference", "*", str(ref)))
+    try:
+        if rl.algorithm == "mopd":
+            specs = [(TeacherSpec(t.name, t.domain, t.checkpoint, t.server, t.vllm), t.tensor_parallel)
+                     for t in rl.teachers]
+            served = [(s, tp) for s, tp in specs if s.vllm]
+            if served:
+                out["servers"] = VLLMTeachers(config, served, max_len)
+            teachers = {s.domain: out["servers"].teachers[s.domain] if s.vllm else
+                        make_teacher(s, timeout_s=rl.teacher_timeout_s, retries=rl.teacher_retries) for s, _ in specs}
+            check_compatible(config.model.vocab_size, config.data.tokenizer, list(teachers.values()))
+            check_domains(prompts.domains, teachers)
+            out["domains"] = teachers
+        if rl.algorithm == "grpo" and rl.kl_coef > 0:
+            ref = rl.reference or config.checkpoint.load
+            if not ref:
+                raise ValueError("rl.kl_coef > 0 needs a reference: set rl.reference or checkpoint.load")
+            out["reference"] = make_teacher(TeacherSpec("reference", "*", str(ref)))
+    except BaseException:
+        close_teachers(out)
+        raise
     return out
+
+
+def close_teachers(teachers: dict | None) -> None:
+    """Stop the vLLM servers started for teachers (rank 0; nothing elsewhere)."""
+    if teachers and "servers" in teachers:
+        teachers["servers"].close()
 
 
 def run_rl(config: RunConfig, layout: Layout) -> dict:
@@ -207,17 +223,21 @@ def run_rl(config: RunConfig, layout: Layout) -> dict:
     check_resume(config)
     prompts = PromptSet(rl.prompts, rl.domains, config.train.seed)
     tokenizer = load_tokenizer(config.data.tokenizer)
-    teachers = on_rank0(lambda: load_teachers(config, prompts), share=False) or {}
-    # Before the trainer: a server that cannot start, or serves another model, costs no model build.
-    backend = make_backend(config, rollout_max_len(config, prompts, tokenizer))
+    max_len = rollout_max_len(config, prompts, tokenizer)
+    teachers, backend = None, None
     try:
+        teachers = on_rank0(lambda: load_teachers(config, prompts, max_len), share=False) or {}
+        # Before the trainer: a server that cannot start, or serves another model, costs no model build.
+        backend = make_backend(config, max_len)
         trainer = RLTrainer(config, layout, rl)
         resumed = resume(trainer, prompts, config, layout)
         backend.push_weights(trainer.model, version=trainer.step)
         rollout = on_rank0(lambda: Rollout(config, backend, tokenizer, prompts, teachers), share=False)
         return _train(config, layout, trainer, backend, rollout, prompts, tokenizer, resumed)
     finally:
-        backend.close()
+        if backend is not None:
+            backend.close()
+        close_teachers(teachers)
 
 
 def _train(config: RunConfig, layout: Layout, trainer: RLTrainer, backend, rollout, prompts: PromptSet, tokenizer,

@@ -3,6 +3,7 @@
     GET  /info      -> {"name", "vocab_size", "tokenizer_fingerprint", "max_len"}
     POST /logprobs  {"prompts": [[ids]], "responses": [[ids]], "temperature": T}
                     -> {"logprobs": [[floats]]}   (log_softmax(logits / T) of each response token)
+    GET  /metrics   -> Prometheus text: requests by status, tokens scored, scoring seconds
 
 Standard library only (http.server), bound to 127.0.0.1 by default: the trainer and its teachers
 share a machine, and nothing here is meant for other hosts. Bad requests get a 400 with the
@@ -20,6 +21,8 @@ import threading
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
 from mimo_train.rl.teachers import check_request
 
 MAX_BODY_BYTES = 256 << 20  # a bound on what one request may make the server read
@@ -33,6 +36,13 @@ class TeacherServer(ThreadingHTTPServer):
         self.teacher, self.verbose = teacher, verbose
         self.lock = threading.Lock()
         self.info = teacher.info()  # computed once: the tokenizer fingerprint loads a tokenizer
+        # A registry per server (not the process-wide default): tests run several in one process.
+        self.registry = CollectorRegistry()
+        self.requests = Counter("mimo_teacher_requests", "POST /logprobs requests by HTTP status", ["status"],
+                                registry=self.registry)
+        self.tokens = Counter("mimo_teacher_scored_tokens", "response tokens scored", registry=self.registry)
+        self.seconds = Histogram("mimo_teacher_score_seconds", "time to score one request (lock wait included)",
+                                 registry=self.registry)
         super().__init__((host, port), _Handler)
 
     @property
@@ -50,8 +60,9 @@ class TeacherServer(ThreadingHTTPServer):
         prompts, responses, t = body["prompts"], body["responses"], body.get("temperature", 1.0)
         # Checked before taking the lock: a bad request must not queue behind good ones.
         check_request(prompts, responses, self.info["vocab_size"], self.info["max_len"], t)
-        with self.lock:
+        with self.seconds.time(), self.lock:
             out = self.teacher.logprobs(prompts, responses, t)
+        self.tokens.inc(sum(len(r) for r in responses))
         return {"logprobs": [lp.tolist() for lp in out]}
 
 
@@ -62,7 +73,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 -- http.server's naming
         if self.path.rstrip("/") == "/info":
             return self._send(200, self.server.info)
-        self._error(404, f"unknown path {self.path}: GET /info or POST /logprobs")
+        if self.path.rstrip("/") == "/metrics":
+            return self._write(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
+        self._error(404, f"unknown path {self.path}: GET /info, GET /metrics or POST /logprobs")
 
     def do_POST(self):  # noqa: N802
         if self.path.rstrip("/") != "/logprobs":
@@ -88,9 +101,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, answer)
 
     def _send(self, code: int, payload: dict) -> None:
+        if self.command == "POST":
+            self.server.requests.labels(status=str(code)).inc()
         self._write(code, json.dumps(payload).encode(), "application/json")
 
     def _error(self, code: int, message: str) -> None:
+        if self.command == "POST":
+            self.server.requests.labels(status=str(code)).inc()
         self.close_connection = True  # the body may be unread: the connection cannot carry another request
         self._write(code, message.encode(), "text/plain; charset=utf-8")
 

@@ -1,9 +1,12 @@
 """MOPD teachers: frozen, forward-only policies that score the student's own tokens.
 
 For a prompt x of domain d and the student's response y, d's teacher returns log π(y_t | x, y_<t)
-for every t (one teacher per prompt, never an average). It runs in-process (`InProcessTeacher`:
-its own rollout Engine, so scoring never touches the student's) or behind tools/serve_teacher.py
-(`RemoteTeacher`: HTTP on 127.0.0.1, timeouts, retries); `TeacherSpec.server` picks either.
+for every t (one teacher per prompt, never an average), and on request its top-k next tokens at
+each t (ids and log-probs: what distribution-level distillation needs). It runs in-process
+(`InProcessTeacher`: its own rollout Engine, so scoring never touches the student's), behind
+tools/serve_teacher.py (`RemoteTeacher`: HTTP on 127.0.0.1, timeouts, retries; sampled-token
+log-probs only) or on a vLLM server (`mimo_train.rl.vllm_teacher.VLLMTeacher`);
+`TeacherSpec.server` and `TeacherSpec.vllm` pick one.
 Per-token comparison needs shared token ids: `check_compatible` refuses a teacher whose
 vocabulary size or tokenizer differs, before training starts.
 """
@@ -28,6 +31,20 @@ class TeacherSpec:
     domain: str
     checkpoint: str  # training checkpoint dir or serving dir (what the server loads when `server` is set)
     server: str | None = None  # "http://127.0.0.1:PORT": a tools/serve_teacher.py process; None: in-process
+    vllm: bool = False  # served by vLLM: at `server` if set, else on a server the run starts from `checkpoint`
+
+
+@dataclass
+class TokenScores:
+    """A teacher's scores of one response of n tokens."""
+
+    logprobs: torch.Tensor  # [n] float32: log pi(y_t | x, y_<t)
+    top_ids: torch.Tensor  # [n, k] int64: the k most likely next tokens at each t, most likely first
+    top_logprobs: torch.Tensor  # [n, k] float32: their log-probs (k = 0 unless asked)
+
+
+def empty_scores(k: int = 0) -> TokenScores:
+    return TokenScores(torch.zeros(0), torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k))
 
 
 class TeacherUnavailable(RuntimeError):  # a teacher server did not answer after every retry
@@ -67,9 +84,10 @@ def _lists(seqs) -> list[list]:
 
 @torch.no_grad()  # not inference_mode: the trainer multiplies these into a loss that autograd saves
 def score_tokens(engine, prompts: list[list[int]], responses: list[list[int]],
-                 temperature: float = 1.0) -> list[torch.Tensor]:
+                 temperature: float = 1.0, top_k: int = 0) -> list[TokenScores]:
     """log_softmax(logits / T) of each response token given prompt + earlier response tokens,
-    float32 [len(response)] per pair (T = 0 means 1, as in Completion.logprobs).
+    float32 [len(response)] per pair (T = 0 means 1, as in Completion.logprobs), and the top_k
+    tokens of that distribution at each position.
 
     One prefill-mode forward per batch (attention over the block itself: exactly what a full
     forward computes) in the engine's free cache rows [engine.n, max_batch), so the rows and
@@ -80,9 +98,11 @@ def score_tokens(engine, prompts: list[list[int]], responses: list[list[int]],
     free = engine.config.max_batch - engine.n
     if free < 1:
         raise RuntimeError("score_tokens: every slot of the engine is busy; score between generate() calls")
+    if not 0 <= top_k <= engine.cfg.vocab_size:
+        raise ValueError(f"top_k={top_k}: need 0 <= top_k <= the vocabulary size {engine.cfg.vocab_size}")
     t = float(temperature) if temperature > 0 else 1.0
     model, dev = engine.model, engine.device
-    out = [torch.zeros(0, dtype=torch.float32) for _ in prompts]
+    out = [empty_scores(top_k) for _ in prompts]
     # The last response token is only ever a target, so it is not fed in. Longest first, so
     # pairs of similar length share a batch and padding stays small.
     todo = sorted((i for i, r in enumerate(responses) if r), key=lambda i: -(len(prompts[i]) + len(responses[i])))
@@ -101,9 +121,11 @@ def score_tokens(engine, prompts: list[list[int]], responses: list[list[int]],
         n_resp = [len(responses[i]) for i in chunk]
         picked = torch.cat([h[j, width - n:] for j, n in enumerate(n_resp)])
         targets = torch.tensor([tok for i in chunk for tok in responses[i]], device=dev)
-        logp = (model.logits(picked) / t).log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
-        for i, lp in zip(chunk, logp.cpu().split(n_resp)):
-            out[i] = lp.float().clone()
+        dist = (model.logits(picked) / t).log_softmax(-1).float()
+        logp = dist.gather(1, targets[:, None]).squeeze(1).cpu()
+        top_lp, top_ids = (x.cpu() for x in dist.topk(top_k, dim=-1))
+        for i, lp, ids, tlp in zip(chunk, logp.split(n_resp), top_ids.split(n_resp), top_lp.split(n_resp)):
+            out[i] = TokenScores(lp.clone(), ids.clone(), tlp.clone())
     return out
 
 
@@ -157,8 +179,14 @@ class InProcessTeacher:
         return dict(name=self.name, vocab_size=self.vocab_size, tokenizer_fingerprint=self.tokenizer_fingerprint,
                     max_len=self.max_len)
 
+    def score(self, prompts, responses, temperature: float = 1.0, top_k: int = 0) -> list[TokenScores]:
+        return score_tokens(self.engine, prompts, responses, temperature, top_k)
+
     def logprobs(self, prompts, responses, temperature: float = 1.0) -> list[torch.Tensor]:
-        return score_tokens(self.engine, prompts, responses, temperature)
+        return [s.logprobs for s in self.score(prompts, responses, temperature)]
+
+    def close(self) -> None:
+        pass
 
 
 class RemoteTeacher:
@@ -184,6 +212,16 @@ class RemoteTeacher:
         body = {"prompts": _lists(prompts), "responses": _lists(responses), "temperature": float(temperature)}
         out = self._call("POST", "/logprobs", body)["logprobs"]
         return [torch.tensor(lp, dtype=torch.float32) for lp in out]
+
+    def score(self, prompts, responses, temperature: float = 1.0, top_k: int = 0) -> list[TokenScores]:
+        if top_k:
+            raise ValueError(f"teacher {self.name!r}: tools/serve_teacher.py returns the sampled tokens' log-probs "
+                             "only; for top-k scores run the teacher in-process or on vLLM (vllm: true)")
+        return [TokenScores(lp, torch.zeros(len(lp), 0, dtype=torch.long), torch.zeros(len(lp), 0))
+                for lp in self.logprobs(prompts, responses, temperature)]
+
+    def close(self) -> None:  # the server is the user's process, not ours
+        pass
 
     def _call(self, method: str, path: str, body: dict | None = None) -> dict:
         from mimo_train.rollout import http_json
@@ -224,7 +262,7 @@ def check_compatible(student_vocab_size: int, student_tokenizer_dir, teachers) -
     teachers = list(teachers.values() if isinstance(teachers, Mapping) else teachers)
     student_fp = tokenizer_fingerprint(student_tokenizer_dir)
     for t in teachers:
-        if t.vocab_size != student_vocab_size:
+        if t.vocab_size is not None and t.vocab_size != student_vocab_size:  # None: a server that does not say
             raise TeacherMismatch(f"{_describe(t)} has vocab size {t.vocab_size} but the student has "
                                   f"{student_vocab_size}: MOPD compares log-probs of the same token ids, so a "
                                   f"teacher must share the student's vocabulary")

@@ -25,7 +25,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factor
 from mimo_train.convert.exporter import KEEP_FP32, Entry, plan
 from mimo_train.model.config import ModelConfig
 from mimo_train.rl.weight_gather import _is_main_replica, sharded_metadata
-from mimo_train.rollout.vllm.server import ServingGeometry
+from mimo_train.rollout.vllm.server import PADDED, ServingGeometry, pad_head_channels
 from mimo_train_vllm import wire
 
 MTP_PREFIX = "model.mtp."
@@ -81,12 +81,7 @@ def _pad_heads(piece: wire.Piece, fetch, dim: int, dv: int, dk: int) -> tuple[wi
     grow = lambda t: tuple(scale(v) if i == dim else v for i, v in enumerate(t))  # noqa: E731
 
     def padded() -> torch.Tensor:
-        t = fetch()
-        heads = t.shape[dim] // dv
-        split = t.reshape(*t.shape[:dim], heads, dv, *t.shape[dim + 1:])
-        out = t.new_zeros(*t.shape[:dim], heads, dk, *t.shape[dim + 1:])
-        out.narrow(dim + 1, 0, dv).copy_(split)
-        return out.reshape(grow(tuple(t.shape)))
+        return pad_head_channels(fetch(), dim, dv, dk)
 
     return wire.Piece(piece.name, grow(piece.shape), grow(piece.offset), grow(piece.size)), padded
 
@@ -111,7 +106,7 @@ def local_pieces(model_chunks, cfg: ModelConfig, *, dtype: torch.dtype,
             for piece, view in _pieces_of_shard(entries[sh.key], tuple(sh.global_shape), tuple(sh.global_offset),
                                                    data):
                 fetch = (lambda v: lambda: v)(view)
-                if geometry.pad_v_head and piece.name.endswith(("self_attn.v_proj.weight", "self_attn.o_proj.weight")):
+                if geometry.pad_v_head and piece.name.endswith(PADDED):
                     d = cfg.attention_dims(swa=MTP_PREFIX in piece.name or cfg.is_swa(_layer(piece.name)))
                     dim = 0 if piece.name.endswith("v_proj.weight") else 1
                     piece, fetch = _pad_heads(piece, fetch, dim, d["v_head_dim"], d["head_dim"])

@@ -111,6 +111,23 @@ class VLLMClient:
         finish = "stop" if choice.get("finish_reason") == "stop" else "length"
         return Sample(tokens, logprobs, finish, decode_routed_experts(choice.get("routed_experts")))
 
+    def prompt_logprobs(self, sequences: list[list[int]], top_k: int = 0) -> list[list[dict[int, tuple[float, int]]]]:
+        """For each token sequence, the target's next-token distribution at every position but
+        the first: {token id: (log-prob, rank)} holding the token found there and the top_k
+        (rank 1 = most likely). vLLM computes prompt log-probs at temperature 1 whatever the
+        request says; one token is generated per sequence and ignored."""
+        body = {"model": self.model, "prompt": [list(s) for s in sequences], "max_tokens": 1, "temperature": 0.0,
+                "prompt_logprobs": top_k, "skip_special_tokens": False}
+        choices = sorted(self.call("POST", "/v1/completions", body)["choices"], key=lambda c: c["index"])
+        out = []
+        for seq, choice in zip(sequences, choices):
+            rows = choice.get("prompt_logprobs") or []
+            if len(rows) != len(seq):
+                raise ServerUnavailable(f"vLLM server {self.describe} returned prompt log-probs for {len(rows)} "
+                                        f"positions of a {len(seq)}-token prompt")
+            out.append([{int(t): (float(v["logprob"]), int(v["rank"])) for t, v in row.items()} for row in rows[1:]])
+        return out
+
     # ---- RL control ------------------------------------------------------------------------------
     def pause(self) -> None:
         """Stop admitting requests, wait for those in flight, drop the KV and prefix caches (they

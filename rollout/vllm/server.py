@@ -2,9 +2,10 @@
 
 A server runs `vllm.entrypoints.openai.api_server` with the Python of vLLM's own virtual
 environment (vLLM pins an older transformers than ours: we talk to it, never import it), under
-`watchdog.py`, so that every vLLM process stops when the run stops, however it stops. The
+`watchdog.py`, so that every vLLM process stops when the run stops, however it stops. A rollout
 server starts from a model directory holding only config.json and the tokenizer
-(`--load-format dummy`): the run streams the real weights in before the first request.
+(`--load-format dummy`): the run streams the real weights in before the first request. A
+teacher server (frozen weights) starts from a directory with its weights written out.
 
 Its config.json is the trainer's model seen through `vllm_config`, which makes vLLM 0.32
 compute the trainer's function:
@@ -30,6 +31,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from mimo_train.model.config import ModelConfig
 
@@ -62,6 +65,30 @@ class ServingGeometry:
             return cfg
         return dataclasses.replace(cfg, v_head_dim=cfg.head_dim, swa_v_head_dim=cfg.swa_head_dim)
 
+    def weights(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Whole serving-name tensors of `cfg` as this geometry serves them."""
+        if not self.pad_v_head:
+            return weights
+        out = dict(weights)
+        for name, t in weights.items():
+            if name.endswith(PADDED):
+                swa = ".mtp." in name or cfg.is_swa(int(name.split(".")[2]))
+                d = cfg.attention_dims(swa=swa)
+                out[name] = pad_head_channels(t, 0 if name.endswith(PADDED[0]) else 1, d["v_head_dim"], d["head_dim"])
+        return out
+
+
+PADDED = ("self_attn.v_proj.weight", "self_attn.o_proj.weight")  # v channels: rows of v_proj, columns of o_proj
+
+
+def pad_head_channels(t: torch.Tensor, dim: int, dv: int, dk: int) -> torch.Tensor:
+    """Zero-pad each head's `dv` channels along `dim` of `t` (whole heads) to `dk`."""
+    heads = t.shape[dim] // dv
+    split = t.reshape(*t.shape[:dim], heads, dv, *t.shape[dim + 1:])
+    out = t.new_zeros(*t.shape[:dim], heads, dk, *t.shape[dim + 1:])
+    out.narrow(dim + 1, 0, dv).copy_(split)
+    return out.reshape(*t.shape[:dim], heads * dk, *t.shape[dim + 1:])
+
 
 def vllm_config(cfg: ModelConfig, *, pad_v_head: bool) -> dict:
     """config.json for a vLLM server computing `cfg`'s function (see the module docstring)."""
@@ -71,10 +98,17 @@ def vllm_config(cfg: ModelConfig, *, pad_v_head: bool) -> dict:
     return hub
 
 
-def write_model_dir(directory: Path, cfg: ModelConfig, tokenizer: str | Path, *, pad_v_head: bool) -> Path:
+def write_model_dir(directory: Path, cfg: ModelConfig, tokenizer: str | Path, *, pad_v_head: bool,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
     """The directory a server starts from: config and tokenizer (vLLM loads one even for token
-    ids in and out), no weights."""
+    ids in and out), and `weights` (serving names, as `cfg` has them) when given: without them
+    the server starts on dummy weights for the run to stream into."""
     directory.mkdir(parents=True, exist_ok=True)
+    if weights is not None:
+        from safetensors.torch import save_file
+
+        served = ServingGeometry(pad_v_head).weights(cfg, weights)
+        save_file({k: v.contiguous() for k, v in served.items()}, str(directory / "model.safetensors"))
     (directory / "config.json").write_text(json.dumps(vllm_config(cfg, pad_v_head=pad_v_head), indent=2) + "\n")
     ids = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
     (directory / "generation_config.json").write_text(json.dumps({k: v for k, v in ids.items() if v is not None}))
@@ -122,6 +156,7 @@ class ServerSpec:
     seed: int = 0
     dummy_weights: bool = True  # the run streams the weights in; False: read the model directory's
     return_routed_experts: bool = False
+    max_logprobs: int = 20  # the most top-k log-probs a request may ask for (vLLM's default: 20)
     extra_args: list[str] = field(default_factory=list)
 
     def command(self) -> list[str]:
@@ -129,6 +164,7 @@ class ServerSpec:
                "--host", self.host, "--port", str(self.port), "--dtype", self.dtype,
                "--tensor-parallel-size", str(self.tensor_parallel), "--max-model-len", str(self.max_model_len),
                "--max-num-seqs", str(self.max_num_seqs), "--seed", str(self.seed),
+               "--max-logprobs", str(self.max_logprobs),
                "--logprobs-mode", "processed_logprobs",  # log-probs of the distribution sampled: after temperature
                "--weight-transfer-config", json.dumps({"backend": "mimo"})]
         if self.dummy_weights:

@@ -7,8 +7,8 @@ from pathlib import Path
 DOMAINS = ("arithmetic", "reverse", "sort")
 
 
-def teachers_override(teacher: Path, domains=DOMAINS, server: str | None = None) -> str:
-    extra = f",server:'{server}'" if server else ""
+def teachers_override(teacher: Path, domains=DOMAINS, server: str | None = None, vllm: bool = False) -> str:
+    extra = (f",server:'{server}'" if server else "") + (",vllm:true" if vllm else "")
     items = ",".join(f"{{name:t_{d},domain:{d},checkpoint:'{teacher}'{extra}}}" for d in domains)
     return f"rl.teachers=[{items}]"
 

@@ -186,3 +186,26 @@ def test_command_line(model, teacher, capsys, monkeypatch, tmp_path):
     assert first["url"].startswith("http://127.0.0.1:") and first["name"] == "cli" and first["max_len"] == 48
     with pytest.raises(SystemExit, match=f"teacher 'missing'.*no checkpoint at {tmp_path / 'nope'}"):
         cli().main(["--ckpt", str(tmp_path / "nope"), "--name", "missing"])
+
+
+def scrape(url: str) -> dict[str, float]:
+    """GET /metrics -> {sample name with labels: value} (Prometheus text format)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def test_metrics_count_requests_tokens_and_time(model, teacher):
+    """A fresh server (the module's is shared): what Prometheus scrapes moves with the traffic."""
+    with running(teacher) as s:
+        assert scrape(s.url)["mimo_teacher_scored_tokens_total"] == 0
+        remote = RemoteTeacher(TeacherSpec("t-code", "code", "ckpt", server=s.url), **FAST)
+        remote.logprobs(random_prompts(model.cfg, [3, 4], seed=1), random_prompts(model.cfg, [5, 2], seed=2))
+        assert post(s.url, b"{not json")[0] == 400
+        after = scrape(s.url)
+    assert after["mimo_teacher_scored_tokens_total"] == 7
+    assert after['mimo_teacher_requests_total{status="200"}'] == 1
+    assert after['mimo_teacher_requests_total{status="400"}'] == 1
+    assert after["mimo_teacher_score_seconds_count"] == 1 and after["mimo_teacher_score_seconds_sum"] > 0

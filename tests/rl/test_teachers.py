@@ -69,6 +69,21 @@ def test_scores_equal_full_forward(model, teacher, temperature):
         assert not torch.allclose(out[3], teacher.logprobs(prompts[3:4], responses[3:4])[0], atol=1e-3)
 
 
+def test_top_k_is_the_head_of_the_full_forward_distribution(model, teacher):
+    """What distribution-level distillation reads: the k most likely next tokens at each
+    response position, and their log-probs at the temperature asked for."""
+    prompts = random_prompts(model.cfg, [3, 8], seed=3)
+    responses = random_prompts(model.cfg, [6, 11], seed=4)
+    k, t = 4, 0.8
+    for p, r, s in zip(prompts, responses, teacher.score(prompts, responses, t, top_k=k)):
+        full = (full_forward_logits(model.hf, p, r) / t).log_softmax(-1)
+        values, ids = full.topk(k, dim=-1)
+        assert s.top_ids.shape == (len(r), k) and s.top_logprobs.dtype == torch.float32
+        assert torch.equal(s.top_ids, ids)
+        assert (s.top_logprobs.double() - values).abs().max().item() <= 1e-5
+        assert (s.logprobs.double() - reference(model.hf, p, r, t)).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("params", [SamplingParams(temperature=0.8, max_new_tokens=12, n=2, seed=5),
                                     SamplingParams(temperature=0.0, max_new_tokens=12)])
 def test_student_equal_to_teacher_gives_its_sampled_logprobs(model, teacher, params):
@@ -90,7 +105,7 @@ def test_scoring_between_steps_leaves_running_requests_alone(model, teacher):
     done = engine.step() + engine.step()
     assert engine.n == 2  # both running: one free row left for scoring, which takes two batches
     others, resp = random_prompts(model.cfg, [6, 2], seed=5), random_prompts(model.cfg, [4, 3], seed=6)
-    scored = score_tokens(engine, others, resp, 0.9)
+    scored = [s.logprobs for s in score_tokens(engine, others, resp, 0.9)]
     for got, want in zip(scored, teacher.logprobs(others, resp, 0.9)):
         assert (got - want).abs().max().item() <= 1e-5
     while len(done) < 2:
