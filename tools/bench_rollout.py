@@ -1,7 +1,7 @@
 """Benchmark the rollout engine against transformers' `generate` on one model, in one run.
 
     python tools/bench_rollout.py --model DIR [--new-tokens 96] [--threads 1]
-    python tools/bench_rollout.py --model DIR --backend vllm [--depths 0,3]
+    python tools/bench_rollout.py --model DIR --backend vllm [--depths 0,3] [--stock-mtp]
     python tools/bench_rollout.py --train-demo DIR [--steps 400]
 
 Prints one JSON object: tokens/s of transformers' MiMoV2FlashForCausalLM.generate (same
@@ -13,8 +13,10 @@ identical across every configuration.
 `--backend vllm` compares our engine with vLLM servers (.venv-vllm, one per depth K: vLLM
 fixes K at start-up) on the same export, greedy, in interleaved rounds: tokens/s at each batch
 and K, the ratio vLLM / ours, accept lengths (vLLM's from its Prometheus counters), and whether
-the greedy outputs agree. vLLM's figures include its HTTP round trips: that is what the RL loop
-pays. The served weights pass through the same pieces weight streaming sends (on CPU with the
+the greedy outputs agree. The servers draft with our plugin's drafter (every MTP layer, as
+trained: rollout/vllm_plugin/mimo_train_vllm/mtp.py); `--stock-mtp` adds vLLM's own (MTP layer 0
+for every draft) at each K > 0. vLLM's figures include its HTTP round trips: that is what the RL
+loop pays. The served weights pass through the same pieces weight streaming sends (on CPU with the
 value heads padded to the q/k head dim, and the window vLLM needs: mimo_train/rollout/vllm/server.py).
 
 Prompts: DIR/bench_prompts.json if present (a list of token-id lists, written by
@@ -222,14 +224,18 @@ def bench_vllm(args) -> dict:
     save_file(serving_tensors([handle.model], cfg, geometry=geometry), str(served / "model.safetensors"))
     batches = [int(b) for b in args.batches.split(",")]
     depths = [int(k) for k in args.depths.split(",") if int(k) <= cfg.num_nextn_predict_layers]
-    servers = {k: VLLMServer(ServerSpec(
-        python=str(ROOT / ".venv-vllm" / "bin" / "python"), model=served, port=free_port(), log=work / f"server_k{k}.log",
-        dtype="bfloat16" if cuda else "float32", max_model_len=args.max_len, max_num_seqs=max(batches), spec_depth=k,
-        kv_cache_bytes=None if cuda else 1 << 30, dummy_weights=False)).start() for k in depths}
+    # vLLM with our plugin's drafter (every MTP layer, chained) and, with --stock-mtp, vLLM's own
+    # (MTP layer 0 for every draft) beside it.
+    kinds = [(k, False) for k in depths] + ([(k, True) for k in depths if k > 0] if args.stock_mtp else [])
+    servers = {(k, stock): VLLMServer(ServerSpec(
+        python=str(ROOT / ".venv-vllm" / "bin" / "python"), model=served, port=free_port(),
+        log=work / f"server_k{k}{'_stock' if stock else ''}.log", dtype="bfloat16" if cuda else "float32",
+        max_model_len=args.max_len, max_num_seqs=max(batches), spec_depth=k, kv_cache_bytes=None if cuda else 1 << 30,
+        dummy_weights=False, stock_mtp=stock)).start() for k, stock in kinds}
     try:
         for server in servers.values():
             server.wait_ready(600)
-        clients = {k: VLLMClient(s.url, describe=s.describe()) for k, s in servers.items()}
+        clients = {key: VLLMClient(s.url, describe=s.describe()) for key, s in servers.items()}
         engine = Engine.from_pretrained(model_dir, EngineConfig(max_batch=max(batches), max_len=args.max_len))
         prompts = load_prompts(model_dir, cfg.vocab_size, max(batches), args.prompt_len)
         params = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens, ignore_eos=True)
@@ -244,8 +250,8 @@ def bench_vllm(args) -> dict:
                 accept.append((m.mean_accept_length, m.row_steps))
             return texts, seconds, accept
 
-        def theirs(batch: int, k: int):
-            client, texts, seconds, accept = clients[k], [], 0.0, []
+        def theirs(batch: int, k: int, stock: bool = False):
+            client, texts, seconds, accept = clients[(k, stock)], [], 0.0, []
             for group in groups(batch):
                 before = [client.spec_counters()]
                 t = time.perf_counter()
@@ -256,15 +262,18 @@ def bench_vllm(args) -> dict:
                 accept.append((accept_length, drafts))
             return texts, seconds, accept
 
+        runs = {"ours": ours, "vllm": theirs, "vllm_stock": lambda b, k: theirs(b, k, stock=True)}
+        which = lambda k: [n for n in runs if n != "vllm_stock" or (k, True) in clients]  # noqa: E731
         for b in batches:  # warm-up
             for k in depths:
-                ours(b, k), theirs(b, k)
+                for name in which(k):
+                    runs[name](b, k)
         speeds, outputs, accepts = {}, {}, {}
         for _ in range(args.rounds):
             for b in batches:
                 for k in depths:
-                    for name, fn in (("ours", ours), ("vllm", theirs)):
-                        texts, seconds, accept = fn(b, k)
+                    for name in which(k):
+                        texts, seconds, accept = runs[name](b, k)
                         speeds.setdefault((b, k, name), []).append(sum(map(len, texts)) / seconds)
                         outputs.setdefault((b, k, name), texts)
                         accepts.setdefault((b, k, name), []).extend(accept)
@@ -278,14 +287,14 @@ def bench_vllm(args) -> dict:
     for b in batches:
         entry = {}
         for k in depths:
-            for name in ("ours", "vllm"):
+            for name in which(k):
                 acc = accepts[(b, k, name)]
                 steps = sum(n for _, n in acc)
                 entry[f"{name}_k{k}"] = {"tokens_per_s": round(statistics.median(speeds[(b, k, name)]), 2),
                                          "rounds": [round(x, 2) for x in speeds[(b, k, name)]],
                                          "mean_accept_length": round(sum(a * n for a, n in acc) / steps, 3) if steps else 1.0}
             entry[f"vllm_over_ours_k{k}"] = round(entry[f"vllm_k{k}"]["tokens_per_s"] / entry[f"ours_k{k}"]["tokens_per_s"], 2)
-            entry[f"greedy_outputs_equal_k{k}"] = outputs[(b, k, "ours")] == outputs[(b, k, "vllm")]
+            entry[f"greedy_outputs_equal_k{k}"] = all(outputs[(b, k, "ours")] == outputs[(b, k, n)] for n in which(k))
         result["batches"][str(b)] = entry
     return result
 
@@ -306,6 +315,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf",
                    help="what our engine is measured against: transformers' generate, or vLLM servers")
     p.add_argument("--work", help="--backend vllm: directory for the served model and the servers' logs")
+    p.add_argument("--stock-mtp", action="store_true",
+                   help="--backend vllm: also run vLLM's own MTP drafter (layer 0 for every draft) at each K > 0")
     p.add_argument("--train-demo", help="train the small preset's MTP demo model into this directory")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--mtp-weight", type=float, default=0.3, help="weight of the mean MTP loss (training)")

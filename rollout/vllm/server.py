@@ -157,6 +157,7 @@ class ServerSpec:
     dummy_weights: bool = True  # the run streams the weights in; False: read the model directory's
     return_routed_experts: bool = False
     max_logprobs: int = 20  # the most top-k log-probs a request may ask for (vLLM's default: 20)
+    stock_mtp: bool = False  # vLLM's own MTP drafter (layer 0 for every draft) instead of our plugin's
     extra_args: list[str] = field(default_factory=list)
 
     def command(self) -> list[str]:
@@ -188,7 +189,7 @@ class ServerSpec:
         return f"http://{self.host}:{self.port}"
 
 
-def server_env(routed_experts: bool = False) -> dict[str, str]:
+def server_env(routed_experts: bool = False, stock_mtp: bool = False) -> dict[str, str]:
     env = {**os.environ,
            "VLLM_SERVER_DEV_MODE": "1",  # mounts the RL routes: pause, resume, weight transfer
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",  # never download anything
@@ -196,6 +197,10 @@ def server_env(routed_experts: bool = False) -> dict[str, str]:
            "PYTHONUNBUFFERED": "1"}
     if routed_experts:  # vLLM returns routed experts only from its V2 model runner (needs Triton with a GPU)
         env["VLLM_USE_V2_MODEL_RUNNER"] = "1"
+    if stock_mtp:  # mimo_train_vllm then leaves vLLM's MiMo-V2 drafter in place
+        env["MIMO_VLLM_STOCK_MTP"] = "1"
+    else:
+        env.pop("MIMO_VLLM_STOCK_MTP", None)
     # Our repository's top level holds a `kernels/` package: on vLLM's path it would hide the
     # `kernels` package transformers looks for. vLLM runs from its log directory, without ours.
     env.pop("PYTHONPATH", None)
@@ -232,7 +237,7 @@ class VLLMServer:
         from mimo_train.rollout.vllm.watchdog import die_with_parent
 
         self.proc = subprocess.Popen([sys.executable, str(WATCHDOG), str(s.log), "--", *s.command()],
-                                     env=server_env(s.return_routed_experts), stdin=subprocess.DEVNULL,
+                                     env=server_env(s.return_routed_experts, s.stock_mtp), stdin=subprocess.DEVNULL,
                                      cwd=s.log.parent, preexec_fn=die_with_parent)
         return self
 
