@@ -19,8 +19,9 @@ draft step j, layers k >= j run on the draft tokens, exactly as our engine's dra
 What vLLM does not provide, this module keeps itself, keyed by KV-cache slot (so prefix caching
 and chunked prefill work unchanged): each layer's keys and values (its attention is computed
 here, over slots read from vLLM's block table, excluding the positions q < k that have no
-trained counterpart; only layer 0 keeps a vLLM attention layer, whose metadata this reads) and each row's layer outputs (the next row's inputs). Both are sized by the
-largest slot used, outside vLLM's memory planning: per slot, K x (hidden + KV of one layer).
+trained counterpart; only layer 0 keeps a vLLM attention layer, whose metadata this reads) and
+each row's layer outputs (the next row's inputs). Both are sized by the largest slot used,
+outside vLLM's memory planning: per slot, K x (hidden + KV of one layer).
 
 The proposer does not tell a model which draft step it runs; `install` wraps its `propose` to
 count them. Outside `propose` (profiling, warm-up) the drafter runs MTP layer 0 only, as stock.
@@ -157,7 +158,7 @@ class ChainedPredictor(nn.Module):
             raise RuntimeError("mimo_train_vllm: slots from the block table differ from vLLM's slot mapping "
                                f"(block size {self.block_size} assumed)")
         before = self._slots(table, req, pos - 1)
-        prev = self.outputs.read(before.clamp(min=0), previous_hidden_states)  # [n, K, hidden]: layer outputs of the row at q-1
+        prev = self.outputs.read(before.clamp(min=0), previous_hidden_states)  # [n, K, hidden] of the rows at q-1
         emb = inputs_embeds[:n]
         results = torch.zeros(n, self.num_mtp_layers, out.shape[-1], dtype=out.dtype, device=out.device)
         h = None  # layer k-1's outputs at these rows
