@@ -66,30 +66,28 @@ def install() -> None:
 
 
 class _SlotBuffer:
-    """A tensor [slots, *shape] that grows to the largest slot written."""
+    """A zero-initialised tensor [slots, *shape] that grows to the largest slot used."""
 
     def __init__(self, shape: tuple[int, ...]):
         self.shape, self.data = shape, None
 
-    def write(self, slots: torch.Tensor, values: torch.Tensor) -> None:
-        if not slots.numel():
-            return
+    def _cover(self, slots: torch.Tensor, like: torch.Tensor) -> None:
         need = int(slots.max()) + 1 if slots.numel() else 0
         if self.data is None or self.data.shape[0] < need:
-            grown = torch.zeros(max(need, 2 * (0 if self.data is None else self.data.shape[0]), 1024), *self.shape,
-                                dtype=values.dtype, device=values.device)
+            size = max(need, 2 * (0 if self.data is None else self.data.shape[0]), 1024)
+            grown = torch.zeros(size, *self.shape, dtype=like.dtype, device=like.device)
             if self.data is not None:
                 grown[:self.data.shape[0]] = self.data
             self.data = grown
-        self.data[slots] = values.to(self.data.dtype)
+
+    def write(self, slots: torch.Tensor, values: torch.Tensor) -> None:
+        self._cover(slots, values)
+        self.data.index_copy_(0, slots, values.to(self.data.dtype))
 
     def read(self, slots: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Rows at `slots` (zeros where never written), in `like`'s dtype and device."""
-        out = torch.zeros(*slots.shape, *self.shape, dtype=like.dtype, device=like.device)
-        if self.data is not None:
-            ok = slots < self.data.shape[0]
-            out[ok] = self.data[slots[ok]].to(like.dtype)
-        return out
+        """Rows at `slots` (zeros where never written), in `like`'s dtype."""
+        self._cover(slots, like)
+        return self.data.index_select(0, slots.reshape(-1)).view(*slots.shape, *self.shape).to(like.dtype)
 
 
 class ChainedPredictor(nn.Module):
