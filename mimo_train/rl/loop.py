@@ -157,26 +157,33 @@ class Rollout:
         return samples, metrics
 
     def _score(self, samples: list[rl_batch.Sample]) -> dict:
-        metrics = {}
-        if self.reference is not None:
-            for s, lp in zip(samples, self.reference.logprobs([s.prompt for s in samples], [s.response for s in samples],
-                                                               temperature=self.rl.temperature)):
-                s.ref_logprobs = lp.tolist()
-        for domain, teacher in self.teachers.items():
-            mine = [s for s in samples if s.domain == domain]
-            if not mine:
-                continue
-            scored = teacher.logprobs([s.prompt for s in mine], [s.response for s in mine], temperature=self.rl.temperature)
-            gap, tokens = 0.0, 0
-            for s, lp in zip(mine, scored):
-                s.teacher_logprobs = lp.tolist()
-                gap += sum(r - t for r, t in zip(s.rollout_logprobs, s.teacher_logprobs))
-                tokens += len(s.response)
-            metrics[f"teacher_kl/{domain}"] = gap / max(tokens, 1)  # E_student[log mu - log pi_teacher] per token
-        unscored = [s.domain for s in samples if self.rl.algorithm == "mopd" and s.teacher_logprobs is None]
-        if unscored:  # zeros would read as a teacher certain of nothing: a silent, wrong advantage
-            raise ValueError(f"MOPD: no teacher scored samples of domain(s) {sorted(set(unscored))}")
+        return score_samples(samples, self.teachers, self.reference, self.rl.temperature)
+
+
+def score_samples(samples: list[rl_batch.Sample], teachers: dict, reference, temperature: float) -> dict:
+    """Set each sample's teacher_logprobs from its domain's teacher (MOPD: every sample, else
+    ValueError) and ref_logprobs from the reference (GRPO's KL); teacher_kl/<domain> metrics."""
+    from mimo_train.rl.teachers import route
+
+    metrics = {}
+    if reference is not None:
+        for s, lp in zip(samples, reference.logprobs([s.prompt for s in samples], [s.response for s in samples],
+                                                     temperature=temperature)):
+            s.ref_logprobs = lp.tolist()
+    if not teachers:
         return metrics
+    # One call per teacher with all its samples; a sample whose domain has no teacher is an error
+    # (zeros would read as a teacher certain of nothing: a silent, wrong advantage).
+    for teacher, rows in route([s.domain for s in samples], teachers):
+        mine = [samples[i] for i in rows]
+        scored = teacher.logprobs([s.prompt for s in mine], [s.response for s in mine], temperature=temperature)
+        gap, tokens = 0.0, 0
+        for s, lp in zip(mine, scored):
+            s.teacher_logprobs = lp.tolist()
+            gap += sum(r - t for r, t in zip(s.rollout_logprobs, s.teacher_logprobs))
+            tokens += len(s.response)
+        metrics[f"teacher_kl/{teacher.domain}"] = gap / max(tokens, 1)  # E_student[log mu - log pi_teacher] per token
+    return metrics
 
 
 def load_teachers(config: RunConfig, prompts: PromptSet, max_len: int) -> dict:

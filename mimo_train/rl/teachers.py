@@ -310,13 +310,3 @@ def route(rows_domains: Sequence, teachers) -> list[tuple[Teacher, list[int]]]:
     for i, d in enumerate(rows_domains):
         groups.setdefault(d.get("domain") if isinstance(d, Mapping) else d, []).append(i)
     return [(teachers[d], rows) for d, rows in groups.items()]
-
-
-def teacher_logprobs(rows_domains: Sequence, prompts, responses, teachers,
-                     temperature: float = 1.0) -> list[torch.Tensor]:
-    """Each row's response scored by its domain's teacher, in row order."""
-    out: list = [None] * len(prompts)
-    for teacher, rows in route(rows_domains, teachers):
-        for i, lp in zip(rows, teacher.logprobs([prompts[i] for i in rows], [responses[i] for i in rows], temperature)):
-            out[i] = lp
-    return out

@@ -19,8 +19,9 @@ from mimo_train.rl.teachers import (
     check_domains,
     route,
     score_tokens,
-    teacher_logprobs,
 )
+from mimo_train.rl.batch import Sample
+from mimo_train.rl.loop import score_samples
 from mimo_train.rollout import Engine, EngineConfig, SamplingParams
 from tests.rollout.rollout_utils import full_forward_logits, make_model, random_prompts
 
@@ -198,8 +199,12 @@ def test_routing_by_domain():
     domains = ["code", "math", "code", "math"]
     assert route(domains, teachers) == [(code, [0, 2]), (math, [1, 3])]
     assert route([{"domain": "math", "prompt": "x"}], [math, code]) == [(math, [0])]
-    out = teacher_logprobs(domains, [[1]] * 4, [[1], [1, 2], [3], []], teachers)
-    assert [lp.tolist() for lp in out] == [[-2.0], [-1.0, -1.0], [-2.0], []]
+    samples = [Sample([1], r, [0.0] * len(r), domain=d) for d, r in zip(domains, [[1], [1, 2], [3], []])]
+    metrics = score_samples(samples, teachers, None, 1.0)
+    assert [s.teacher_logprobs for s in samples] == [[-2.0], [-1.0, -1.0], [-2.0], []]
+    assert metrics == {"teacher_kl/code": 2.0, "teacher_kl/math": 1.0}
+    with pytest.raises(ValueError, match=r"no teacher for domain\(s\) \{'chat': 1\}"):  # never a silent zero
+        score_samples([Sample([1], [2], [0.0], domain="chat")], teachers, None, 1.0)
 
     with pytest.raises(ValueError, match=r"data row 1 has no 'domain' field: MOPD routes each prompt"):
         check_domains([{"domain": "math"}, {"prompt": "x"}], teachers)
@@ -210,3 +215,20 @@ def test_routing_by_domain():
     assert "['code', 'math']" in str(e.value)
     with pytest.raises(ValueError, match="domain 'math' has two teachers"):
         check_domains(["math"], [math, FakeTeacher("m2", "math", 0.0)])
+
+
+def test_each_sample_is_scored_by_its_own_domains_teacher(model, teacher, tmp_path):
+    """Two different teachers (different weights): a routing bug that scored any domain with the
+    wrong one would change these numbers, which a test with one teacher for all could not see."""
+    other = InProcessTeacher(TeacherSpec("t-code", "code", str(make_model(tmp_path, seed=7, mtp=1).path)),
+                             EngineConfig(max_batch=2, **CPU))
+    prompts = random_prompts(model.cfg, [3, 5, 4, 6, 2], seed=11)
+    responses = random_prompts(model.cfg, [4, 2, 5, 3, 6], seed=12)
+    domains = ["code", "math", "math", "code", "math"]
+    samples = [Sample(p, r, [0.0] * len(r), domain=d) for p, r, d in zip(prompts, responses, domains)]
+    score_samples(samples, {"math": teacher, "code": other}, None, 1.0)
+    for s in samples:
+        mine, theirs = (teacher, other) if s.domain == "math" else (other, teacher)
+        got = torch.tensor(s.teacher_logprobs)
+        assert (got - mine.logprobs([s.prompt], [s.response])[0]).abs().max() <= 1e-5  # batched alone: same up to fp
+        assert (got - theirs.logprobs([s.prompt], [s.response])[0]).abs().max() > 0.1
