@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 ALGORITHMS = ("grpo", "mopd")
 BACKENDS = ("native", "vllm")
@@ -109,6 +110,28 @@ class VLLMConfig:
     request_timeout_s: float = 600.0
     retries: int = 3  # per request, with exponential backoff, before the run stops with an error
     extra_args: list[str] = field(default_factory=list)  # appended to the vLLM command line
+
+    def dtype_on(self, cuda: bool) -> str:
+        return self.dtype if self.dtype != "auto" else ("bfloat16" if cuda else "float32")
+
+    def geometry(self, cfg, cuda: bool):
+        """How servers of `cfg` are shaped (`ServingGeometry`): pad_v_head, or what the device needs."""
+        from mimo_train.rollout.vllm.server import ServingGeometry
+
+        return ServingGeometry(self.pad_v_head) if self.pad_v_head is not None else \
+            ServingGeometry.for_device(cfg, cuda=cuda)
+
+    def server_spec(self, *, cuda: bool, **fields):
+        """A `ServerSpec` with these process settings (the rollout's servers and the teachers'
+        alike); `fields`: the rest of its fields (model, port, log, sizes, ...)."""
+        from mimo_train.rollout.vllm.server import ServerSpec
+        from mimo_train.training.config import ROOT
+
+        python = Path(self.python)
+        return ServerSpec(python=str(python if python.is_absolute() else ROOT / python), host=self.host,
+                          dtype=self.dtype_on(cuda), kv_cache_bytes=None if cuda else int(self.kv_cache_gb * (1 << 30)),
+                          gpu_memory_utilization=self.gpu_memory_utilization, enforce_eager=self.enforce_eager,
+                          extra_args=list(self.extra_args), **fields)
 
     def validate(self) -> None:
         _need(self.servers >= 1 and self.tensor_parallel >= 1, "rollout.vllm: servers and tensor_parallel must be >= 1")

@@ -17,10 +17,8 @@ needs Triton with a GPU, so routing replay needs a GPU server.
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
@@ -30,9 +28,9 @@ from mimo_train.rl.vllm_weight_sync import VLLMWeightSync
 from mimo_train.rollout.api import Completion, Metrics
 from mimo_train.rollout.rng import request_seed
 from mimo_train.rollout.vllm.client import ServerUnavailable, VLLMClient, spec_delta
-from mimo_train.rollout.vllm.server import (ServerError, ServerSpec, ServingGeometry, VLLMServer, first_error,
-                                            free_port, vllm_config, write_model_dir)
-from mimo_train.training.config import ROOT, RunConfig
+from mimo_train.rollout.vllm.server import (ServerError, VLLMServer, first_error, free_port, read_model_dir,
+                                            vllm_config, write_model_dir)
+from mimo_train.training.config import RunConfig
 from mimo_train_vllm.wire import DTYPES
 # What must agree between a server's config.json and the trainer's model for their functions to match.
 FUNCTION_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "moe_intermediate_size",
@@ -48,9 +46,8 @@ class VLLMRollout:
         self.config, self.v, self.rl, self.cfg = config, config.rollout.vllm, config.rl, config.model
         self.max_len = max_len
         self.cuda = torch.cuda.is_available()
-        self.dtype = self.v.dtype if self.v.dtype != "auto" else ("bfloat16" if self.cuda else "float32")
-        self.geometry = ServingGeometry(self.v.pad_v_head) if self.v.pad_v_head is not None else \
-            ServingGeometry.for_device(self.cfg, cuda=self.cuda)
+        self.dtype = self.v.dtype_on(self.cuda)
+        self.geometry = self.v.geometry(self.cfg, self.cuda)
         depth = self.rl.spec_depth if self.rl.spec_depth is not None else self.cfg.num_nextn_predict_layers
         self.spec_depth = min(depth, self.cfg.num_nextn_predict_layers)
         self.routes = self.cuda and any(self.cfg.moe_layer_freq)
@@ -83,10 +80,6 @@ class VLLMRollout:
                 "its V2 model runner, which needs Triton with a GPU; set rl.routing_replay=false (the trainer routes "
                 "by itself) or run the servers on GPUs")
 
-    def _python(self) -> str:
-        path = Path(self.v.python)
-        return str(path if path.is_absolute() else ROOT / path)
-
     def _start_servers(self) -> None:
         """Rank 0: start (or reach) every server."""
         if self.v.urls:
@@ -100,14 +93,11 @@ class VLLMRollout:
                                         pad_v_head=self.geometry.pad_v_head)
             ports = [free_port(self.v.host) if self.v.port == 0 else self.v.port + i for i in range(self.v.servers)]
             for i, port in enumerate(ports):
-                spec = ServerSpec(
-                    python=self._python(), model=model_dir, port=port, log=run_dir / f"server{i}.log", host=self.v.host,
-                    dtype=self.dtype, tensor_parallel=self.v.tensor_parallel, expert_parallel=self.v.expert_parallel,
-                    max_model_len=self.max_len + self.spec_depth + 1,
-                    max_num_seqs=self.rl.engine_max_batch, spec_depth=self.spec_depth,
-                    kv_cache_bytes=None if self.cuda else int(self.v.kv_cache_gb * (1 << 30)),
-                    gpu_memory_utilization=self.v.gpu_memory_utilization, enforce_eager=self.v.enforce_eager,
-                    seed=self.config.train.seed, return_routed_experts=self.routes, extra_args=list(self.v.extra_args))
+                spec = self.v.server_spec(
+                    cuda=self.cuda, model=model_dir, port=port, log=run_dir / f"server{i}.log",
+                    tensor_parallel=self.v.tensor_parallel, expert_parallel=self.v.expert_parallel,
+                    max_model_len=self.max_len + self.spec_depth + 1, max_num_seqs=self.rl.engine_max_batch,
+                    spec_depth=self.spec_depth, seed=self.config.train.seed, return_routed_experts=self.routes)
                 self.servers.append(VLLMServer(spec).start())
             for server in self.servers:  # they start side by side; wait for each
                 server.wait_ready(self.v.startup_timeout_s)
@@ -120,15 +110,13 @@ class VLLMRollout:
         if not client.healthy():
             raise ServerUnavailable(f"vLLM server {client.url} (rollout.vllm.urls) does not answer GET /health")
         root = client.model_root()
-        path = Path(root or "") / "config.json"
-        if not root or not path.is_file():
+        theirs, tokenizer = read_model_dir(root)
+        if theirs is None:
             return
-        theirs = json.loads(path.read_text())
         mine = vllm_config(self.cfg, pad_v_head=self.geometry.pad_v_head)
         wrong = [f"{k}: server {theirs.get(k)!r}, trainer needs {mine[k]!r}" for k in FUNCTION_FIELDS
                  if theirs.get(k) != mine[k]]
-        has_tokenizer = any((Path(root) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
-        served = tokenizer_fingerprint(root) if has_tokenizer else None
+        served = tokenizer_fingerprint(tokenizer)
         ours = tokenizer_fingerprint(self.config.data.tokenizer)
         if served and ours and served != ours:
             wrong.append(f"tokenizer: server {root} (fingerprint {served}), trainer {self.config.data.tokenizer} "

@@ -22,7 +22,6 @@ teacher, its server and, for a server this run started that has stopped, the fir
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -30,8 +29,7 @@ import torch
 from mimo_train.rl.teachers import (TeacherSpec, TeacherUnavailable, TokenScores, _lists, check_request, empty_scores,
                                     tokenizer_fingerprint)
 from mimo_train.rollout.vllm.client import ServerUnavailable, VLLMClient
-from mimo_train.rollout.vllm.server import (TOKENIZER_FILES, ServerSpec, ServingGeometry, VLLMServer, first_error,
-                                            free_port, write_model_dir)
+from mimo_train.rollout.vllm.server import VLLMServer, first_error, free_port, read_model_dir, write_model_dir
 
 BATCH = 64  # pairs per request: few round trips, bounded answers (each position carries k + 1 entries)
 
@@ -132,20 +130,15 @@ class VLLMTeachers:
             raise ValueError(f"{where}: cannot load the checkpoint at {spec.checkpoint}: {e}") from e
         cfg = dataclasses.replace(policy.config, num_nextn_predict_layers=0)  # a teacher never drafts
         cuda = torch.cuda.is_available()
-        geometry = ServingGeometry(self.v.pad_v_head) if self.v.pad_v_head is not None else \
-            ServingGeometry.for_device(cfg, cuda=cuda)
+        geometry = self.v.geometry(cfg, cuda)
         directory = self.config.run_dir / "vllm" / f"teacher_{spec.name}"
         # vLLM loads a tokenizer even for ids in and out: the teacher's own, else the student's.
         write_model_dir(directory / "model", cfg, policy.tokenizer or self.config.data.tokenizer,
                         pad_v_head=geometry.pad_v_head, weights=policy.weights)
-        dtype = self.v.dtype if self.v.dtype != "auto" else ("bfloat16" if cuda else "float32")
-        server_spec = ServerSpec(
-            python=_python(self.v.python), model=directory / "model", port=free_port(self.v.host),
-            log=directory / "server.log", host=self.v.host, dtype=dtype, tensor_parallel=tp,
-            max_model_len=self.max_len + 1,  # + the one token each scoring request generates
-            max_num_seqs=BATCH, kv_cache_bytes=None if cuda else int(self.v.kv_cache_gb * (1 << 30)),
-            gpu_memory_utilization=self.v.gpu_memory_utilization, enforce_eager=self.v.enforce_eager,
-            dummy_weights=False, max_logprobs=max(20, self.top_k), extra_args=list(self.v.extra_args))
+        server_spec = self.v.server_spec(
+            cuda=cuda, model=directory / "model", port=free_port(self.v.host), log=directory / "server.log",
+            tensor_parallel=tp, max_model_len=self.max_len + 1,  # + the one token each scoring request generates
+            max_num_seqs=BATCH, dummy_weights=False, max_logprobs=max(20, self.top_k))
         server = VLLMServer(server_spec).start()
         self.servers.append(server)
         return server, policy.tokenizer, cfg.vocab_size
@@ -162,10 +155,8 @@ class VLLMTeachers:
             raise TeacherUnavailable(f"teacher {spec.name!r} (domain {spec.domain!r}): no vLLM server answers at "
                                      f"{spec.server}/health")
         model = client.call("GET", "/v1/models")["data"][0]
-        root = Path(model.get("root") or "")
-        config = root / "config.json"
-        vocab = json.loads(config.read_text()).get("vocab_size") if config.is_file() else None
-        tokenizer = root if any((root / n).is_file() for n in TOKENIZER_FILES) else None
+        config, tokenizer = read_model_dir(model.get("root"))
+        vocab = config.get("vocab_size") if config else None
         max_len = int(model.get("max_model_len") or self.max_len + 1) - 1
         return VLLMTeacher(spec, client, vocab_size=vocab, max_len=max_len, tokenizer_dir=tokenizer)
 
@@ -174,9 +165,3 @@ class VLLMTeachers:
             server.stop()
         self.servers = []
 
-
-def _python(path: str) -> str:
-    from mimo_train.training.config import ROOT
-
-    p = Path(path)
-    return str(p if p.is_absolute() else ROOT / p)

@@ -121,6 +121,17 @@ def write_model_dir(directory: Path, cfg: ModelConfig, tokenizer: str | Path, *,
     return directory
 
 
+def read_model_dir(root: str | Path | None) -> tuple[dict | None, Path | None]:
+    """What this machine can see of a server's model directory: its config.json (None when not
+    visible) and the directory itself when it holds a tokenizer (None otherwise)."""
+    if not root:
+        return None, None
+    root = Path(root)
+    config = json.loads((root / "config.json").read_text()) if (root / "config.json").is_file() else None
+    tokenizer = root if any((root / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")) else None
+    return config, tokenizer
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
