@@ -109,6 +109,22 @@ def load_prompts(model_dir: Path, vocab: int, count: int, length: int) -> list[l
     return (prompts * ((count + len(prompts) - 1) // len(prompts)))[:count]
 
 
+def prompt_groups(prompts: list[list[int]], batch: int, batch1_prompts: int) -> list[list[list[int]]]:
+    """Batch 1: the first few prompts one after another; batch b: b prompts in one call."""
+    return [[p] for p in prompts[:batch1_prompts]] if batch == 1 else [prompts[:batch]]
+
+
+def run_engine(engine, groups, params, depth: int):
+    """Our engine over the groups: (token lists, seconds, Metrics of each call)."""
+    texts, seconds, metrics = [], 0.0, []
+    for group in groups:
+        completions, m = engine.generate(group, params, depth=depth)
+        texts += [c.tokens for c in completions]
+        seconds += m.seconds
+        metrics.append(m)
+    return texts, seconds, metrics
+
+
 def bench(args) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -124,9 +140,7 @@ def bench(args) -> dict:
     depths = [k for k in depths if k <= engine.max_depth]
     params = SamplingParams(temperature=args.temperature, max_new_tokens=args.new_tokens, ignore_eos=True, seed=0)
 
-    def groups(batch: int) -> list[list[list[int]]]:
-        # Batch 1: the first few prompts one after another; batch b: b prompts in one call.
-        return [[p] for p in prompts[:args.batch1_prompts]] if batch == 1 else [prompts[:batch]]
+    groups = lambda batch: prompt_groups(prompts, batch, args.batch1_prompts)  # noqa: E731
 
     def run_hf(batch: int):
         texts, seconds = [], 0.0
@@ -141,15 +155,6 @@ def bench(args) -> dict:
             texts += out[:, ids.shape[1]:].tolist()
         return texts, seconds, []
 
-    def run_ours(batch: int, depth: int):
-        texts, seconds, metrics = [], 0.0, []
-        for group in groups(batch):
-            completions, m = engine.generate(group, params, depth=depth)
-            texts += [c.tokens for c in completions]
-            seconds += m.seconds
-            metrics.append(m)
-        return texts, seconds, metrics
-
     configs = [(b, "hf_generate", None) for b in batches] + [(b, f"ours_k{k}", k) for b in batches for k in depths]
     # Warm-up before any timing.
     for b, name, k in configs:
@@ -160,7 +165,7 @@ def bench(args) -> dict:
     speeds, outputs, accept = {}, {}, {}
     for _ in range(args.rounds):
         for b, name, k in configs:
-            texts, seconds, metrics = run_hf(b) if name == "hf_generate" else run_ours(b, k)
+            texts, seconds, metrics = run_hf(b) if name == "hf_generate" else run_engine(engine, groups(b), params, k)
             speeds.setdefault((b, name), []).append(sum(map(len, texts)) / seconds)
             outputs.setdefault((b, name), texts)
             accept.setdefault((b, name), []).extend(metrics)
@@ -239,16 +244,11 @@ def bench_vllm(args) -> dict:
         engine = Engine.from_pretrained(model_dir, EngineConfig(max_batch=max(batches), max_len=args.max_len))
         prompts = load_prompts(model_dir, cfg.vocab_size, max(batches), args.prompt_len)
         params = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens, ignore_eos=True)
-        groups = lambda b: [[p] for p in prompts[:args.batch1_prompts]] if b == 1 else [prompts[:b]]  # noqa: E731
+        groups = lambda b: prompt_groups(prompts, b, args.batch1_prompts)  # noqa: E731
 
         def ours(batch: int, k: int):
-            texts, seconds, accept = [], 0.0, []
-            for group in groups(batch):
-                completions, m = engine.generate(group, params, depth=k)
-                texts += [c.tokens for c in completions]
-                seconds += m.seconds
-                accept.append((m.mean_accept_length, m.row_steps))
-            return texts, seconds, accept
+            texts, seconds, metrics = run_engine(engine, groups(batch), params, k)
+            return texts, seconds, [(m.mean_accept_length, m.row_steps) for m in metrics]
 
         def theirs(batch: int, k: int, stock: bool = False):
             client, texts, seconds, accept = clients[(k, stock)], [], 0.0, []
