@@ -34,9 +34,9 @@ def sharded_metadata() -> dict:
             "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
 
 
-def local_shards(model_chunks) -> list[tuple[str, tuple, tuple, torch.Tensor]]:
-    """(key, global shape, global offset, data) of every shard this rank owns (no replicas)."""
-    shards = []
+def iter_shards(model_chunks):
+    """(key, global shape, global offset, data) of every shard this rank owns (no replicas);
+    data is a view of the parameter, with the axes the shard prepends (experts) as size 1."""
     for chunk in model_chunks:
         sd = getattr(chunk, "module", chunk).sharded_state_dict(metadata=sharded_metadata())
         apply_factories(sd)
@@ -46,10 +46,14 @@ def local_shards(model_chunks) -> list[tuple[str, tuple, tuple, torch.Tensor]]:
             if sh.flattened_range is not None:
                 # Only the distributed optimizer's state is flattened; model weights never are.
                 raise RuntimeError(f"{sh.key}: a flattened shard in the model's state dict; expected whole tensor shards")
-            data = sh.data.detach().to("cpu", torch.float32)
-            data = data.reshape((1,) * sh.prepend_axis_num + tuple(data.shape))
-            shards.append((sh.key, tuple(sh.global_shape), tuple(sh.global_offset), data))
-    return shards
+            data = sh.data.detach()
+            yield sh.key, tuple(sh.global_shape), tuple(sh.global_offset), \
+                data.reshape((1,) * sh.prepend_axis_num + tuple(data.shape))
+
+
+def local_shards(model_chunks) -> list[tuple[str, tuple, tuple, torch.Tensor]]:
+    """`iter_shards` with the data on the CPU in fp32 (what the gather sends)."""
+    return [(key, shape, offset, data.to("cpu", torch.float32)) for key, shape, offset, data in iter_shards(model_chunks)]
 
 
 def assemble(shards) -> dict[str, torch.Tensor]:

@@ -19,12 +19,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
 from mimo_train.convert.exporter import KEEP_FP32, Entry, plan
 from mimo_train.model.config import ModelConfig
-from mimo_train.rl.weight_gather import _is_main_replica, sharded_metadata
+from mimo_train.rl.weight_gather import iter_shards
 from mimo_train.rollout.vllm.server import PADDED, ServingGeometry, pad_head_channels
 from mimo_train_vllm import wire
 
@@ -93,25 +91,17 @@ def local_pieces(model_chunks, cfg: ModelConfig, *, dtype: torch.dtype,
     entries = _entries_by_key(cfg, mtp)
     wire_dtype = wire.dtype_name(dtype)
     out = []
-    for chunk in model_chunks:
-        sd = getattr(chunk, "module", chunk).sharded_state_dict(metadata=sharded_metadata())
-        apply_factories(sd)
-        for sh in nested_values(sd):
-            if not isinstance(sh, ShardedTensor) or sh.key not in entries or not _is_main_replica(sh.replica_id):
-                continue
-            if sh.flattened_range is not None:
-                raise RuntimeError(f"{sh.key}: a flattened shard in the model's state dict; expected whole tensor shards")
-            data = sh.data.detach()
-            data = data.reshape((1,) * sh.prepend_axis_num + tuple(data.shape))
-            for piece, view in _pieces_of_shard(entries[sh.key], tuple(sh.global_shape), tuple(sh.global_offset),
-                                                   data):
-                fetch = (lambda v: lambda: v)(view)
-                if geometry.pad_v_head and piece.name.endswith(PADDED):
-                    d = cfg.attention_dims(swa=MTP_PREFIX in piece.name or cfg.is_swa(_layer(piece.name)))
-                    dim = 0 if piece.name.endswith("v_proj.weight") else 1
-                    piece, fetch = _pad_heads(piece, fetch, dim, d["v_head_dim"], d["head_dim"])
-                keep = piece.name.endswith(KEEP_FP32)
-                out.append(LocalPiece(piece, "float32" if keep else wire_dtype, fetch))
+    for key, shape, offset, data in iter_shards(model_chunks):
+        if key not in entries:
+            continue
+        for piece, view in _pieces_of_shard(entries[key], shape, offset, data):
+            fetch = (lambda v: lambda: v)(view)
+            if geometry.pad_v_head and piece.name.endswith(PADDED):
+                d = cfg.attention_dims(swa=MTP_PREFIX in piece.name or cfg.is_swa(_layer(piece.name)))
+                dim = 0 if piece.name.endswith("v_proj.weight") else 1
+                piece, fetch = _pad_heads(piece, fetch, dim, d["v_head_dim"], d["head_dim"])
+            keep = piece.name.endswith(KEEP_FP32)
+            out.append(LocalPiece(piece, "float32" if keep else wire_dtype, fetch))
     return out
 
 
