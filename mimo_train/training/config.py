@@ -41,9 +41,12 @@ class ParallelConfig:
     sequence_parallel: bool = False  # forced on for MoE models with tp > 1 (megatron needs it)
     distributed_optimizer: bool = True
     recompute: str | None = None  # null, "full" or "selective"
+    # How long a rank waits in a collective before the run is ended: long enough for rank 0's
+    # rollouts and server start-ups while the others wait (torch's NCCL default is 10 minutes).
+    timeout_minutes: int = 60
 
     def validate(self) -> None:
-        for name in ("tp", "pp", "ep"):
+        for name in ("tp", "pp", "ep", "timeout_minutes"):
             _need(getattr(self, name) >= 1, f"parallel.{name} must be >= 1")
         _need(self.vpp is None or (self.vpp >= 2 and self.pp >= 2),
               "parallel.vpp (virtual stages per rank) needs parallel.pp >= 2 and vpp >= 2, or null")
@@ -140,6 +143,10 @@ class RunConfig:
                 _need(self.parallel.recompute != "full" or not any(self.model.moe_layer_freq),
                       "parallel.recompute=full is not supported with routing replay (RL recipes on MoE models): "
                       "use parallel.recompute=selective or null")
+                depth, mtp = self.rl.spec_depth, self.model.num_nextn_predict_layers
+                _need(depth is None or depth <= mtp,
+                      f"rl.spec_depth={depth} is more than the model's {mtp} MTP layers "
+                      f"(model.num_nextn_predict_layers): set rl.spec_depth to 0..{mtp}, or null for all of them")
                 need = self.rl.prompts_per_step * self.rl.group_size
                 _need(self.train.global_batch == need,
                       f"train.global_batch={self.train.global_batch} must equal rl.prompts_per_step x rl.group_size "

@@ -12,6 +12,8 @@ BASE = ["recipe=grpo", "model=tiny", "train.global_batch=8", "rl.prompts_per_ste
     ("parallel.recompute=full", "recompute=full is not supported with routing replay"),
     ("rl.temperature=0", "rl.temperature must be > 0"),
     ("rl.algorithm=mopd", "needs rl.algorithm=grpo"),
+    # tiny has 3 MTP layers: a deeper draft would fail inside the rollout engine, mid-run.
+    ("rl.spec_depth=4", r"rl.spec_depth=4 is more than the model's 3 MTP layers .*set rl.spec_depth to 0..3"),
 ])
 def test_refused(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -24,3 +26,8 @@ def test_mopd_needs_one_teacher_per_domain():
                      "rl.teachers=[{name:a,domain:sort,checkpoint:x},{name:b,domain:sort,checkpoint:y}]"])
     with pytest.raises(ConfigError, match="MOPD's advantage already is"):
         load_config(["recipe=mopd", "model=tiny", "rl.kl_coef=0.1"])
+
+
+@pytest.mark.parametrize("depth", ["0", "3", "null"])
+def test_spec_depth_up_to_the_mtp_layers(depth):
+    assert load_config(BASE + [f"rl.spec_depth={depth}"]).rl.spec_depth == (None if depth == "null" else int(depth))
