@@ -40,6 +40,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.bench_env import commit, environment, sync  # noqa: E402
+
 PERIOD, SEQ, SYMBOLS = 16, 96, 16
 
 
@@ -62,14 +65,15 @@ def train_demo(out: Path, steps: int, mtp_weight: float, replicate_mtp: bool, pr
     from mimo_train.training.loss import lm_loss
 
     init_distributed(seed=0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # fp32 either way: a tiny model
     if (out / "config.json").exists():  # continue training an earlier run
         from mimo_train.model.load import load_hf
 
-        handle = load_hf(out, device="cpu")
+        handle = load_hf(out, device=device, dtype=torch.float32)
         cfg, model = handle.config, handle.model.train()
     else:
         cfg = ModelConfig.preset(preset, **(overrides or {}))
-        model = build_model(cfg)
+        model = build_model(cfg).to(device)
     if replicate_mtp:  # MiMo's post-training step: every MTP layer starts as a copy of layer 0
         with torch.no_grad():
             state = model.state_dict()
@@ -81,7 +85,7 @@ def train_demo(out: Path, steps: int, mtp_weight: float, replicate_mtp: bool, pr
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.1, 1 - s / steps))
     gen = torch.Generator().manual_seed(0)
     for _ in (bar := tqdm(range(steps), desc=f"train {preset} on the periodic copy task", disable=not progress)):
-        ids = periodic_batch(16, gen)
+        ids = periodic_batch(16, gen).to(device)
         labels = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
         mask = torch.zeros_like(ids, dtype=torch.float32)
         mask[:, PERIOD - 1:-1] = 1  # the targets that can be predicted: from the second block on
@@ -93,7 +97,7 @@ def train_demo(out: Path, steps: int, mtp_weight: float, replicate_mtp: bool, pr
         bar.set_postfix({k.split("/")[1]: f"{v:.2f}" for k, v in metrics.items() if k.startswith("acc/")})
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out)
-    state = {k: v.detach().contiguous() for k, v in to_hf(model.state_dict(), cfg).items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in to_hf(model.state_dict(), cfg).items()}
     save_file(state, str(out / "model.safetensors"))
     prompts = periodic_batch(16, torch.Generator().manual_seed(1234))[:, :2 * PERIOD]
     (out / "bench_prompts.json").write_text(json.dumps(prompts.tolist()))
@@ -131,34 +135,39 @@ def bench(args) -> dict:
     from mimo_train.rollout import Engine, EngineConfig, SamplingParams
 
     model_dir = Path(args.model)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32).eval()
     batches = [int(b) for b in args.batches.split(",")]
     depths = [int(k) for k in args.depths.split(",")]
-    prompts = load_prompts(model_dir, hf.config.vocab_size, max(batches), args.prompt_len)
     start = time.perf_counter()
     engine = Engine.from_pretrained(model_dir, EngineConfig(max_batch=max(batches), max_len=args.max_len))
+    # The baseline on our engine's device and in its dtype (bf16 on a GPU, fp32 on CPU).
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=engine.dtype)
+    hf = hf.to(engine.device).eval()
+    prompts = load_prompts(model_dir, hf.config.vocab_size, max(batches), args.prompt_len)
     depths = [k for k in depths if k <= engine.max_depth]
     params = SamplingParams(temperature=args.temperature, max_new_tokens=args.new_tokens, ignore_eos=True, seed=0)
 
     groups = lambda batch: prompt_groups(prompts, batch, args.batch1_prompts)  # noqa: E731
 
-    def run_hf(batch: int):
-        texts, seconds = [], 0.0
+    def run_hf(batch: int, new_tokens: int | None = None):
+        texts, seconds, new_tokens = [], 0.0, new_tokens or args.new_tokens
         for group in groups(batch):
-            ids = torch.tensor(group)
+            ids = torch.tensor(group, device=engine.device)
             t = time.perf_counter()
             with torch.no_grad():
-                out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
-                                  min_new_tokens=args.new_tokens, do_sample=args.temperature > 0,
+                out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=args.temperature > 0,
                                   temperature=args.temperature or None, top_k=None, top_p=None, pad_token_id=0)
+            sync(engine.device)
             seconds += time.perf_counter() - t
             texts += out[:, ids.shape[1]:].tolist()
         return texts, seconds, []
 
     configs = [(b, "hf_generate", None) for b in batches] + [(b, f"ours_k{k}", k) for b in batches for k in depths]
-    # Warm-up before any timing.
+    # Warm-up of every configuration, the baseline's too, before any timing.
     for b, name, k in configs:
-        if name != "hf_generate":
+        if name == "hf_generate":
+            run_hf(b, new_tokens=8)
+        else:
             engine.generate(prompts[:b], SamplingParams(temperature=args.temperature, max_new_tokens=8, seed=0),
                             depth=k)
     warmup_s = time.perf_counter() - start
@@ -169,8 +178,7 @@ def bench(args) -> dict:
             speeds.setdefault((b, name), []).append(sum(map(len, texts)) / seconds)
             outputs.setdefault((b, name), texts)
             accept.setdefault((b, name), []).extend(metrics)
-    result = {"model": str(model_dir), "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
-              "threads": torch.get_num_threads(), "temperature": args.temperature,
+    result = {"model": str(model_dir), **environment(engine.device, engine.dtype), "temperature": args.temperature,
               "prompt_len": len(prompts[0]), "new_tokens": args.new_tokens, "rounds": args.rounds,
               "batch1_prompts": args.batch1_prompts, "warmup_s": round(warmup_s, 1), "batches": {}}
     for b in batches:
@@ -283,7 +291,7 @@ def bench_vllm(args) -> dict:
     result = {"model": str(model_dir), "device": "cuda" if cuda else "cpu", "dtype": "bfloat16" if cuda else "float32",
               "threads_ours": torch.get_num_threads(), "cpu_count": os.cpu_count(), "new_tokens": args.new_tokens,
               "prompt_len": len(prompts[0]), "rounds": args.rounds, "batch1_prompts": args.batch1_prompts,
-              "padded_v_head": geometry.pad_v_head, "commit": _commit(), "batches": {}}
+              "padded_v_head": geometry.pad_v_head, "commit": commit(), "batches": {}}
     for b in batches:
         entry = {}
         for k in depths:
@@ -297,16 +305,6 @@ def bench_vllm(args) -> dict:
             entry[f"greedy_outputs_equal_k{k}"] = all(outputs[(b, k, "ours")] == outputs[(b, k, n)] for n in which(k))
         result["batches"][str(b)] = entry
     return result
-
-
-def _commit() -> str:
-    import subprocess
-
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                                       text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str]) -> None:

@@ -1,0 +1,50 @@
+"""What every benchmark's JSON records about where it ran, so that two figures can be compared
+(and a figure in the docs traced): device, dtype, threads, library versions, commit."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def commit() -> str:
+    """HEAD, with "+dirty" when the working tree differs from it (a figure from uncommitted code)."""
+    try:
+        head = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "mimo_train", "rollout", "kernels", "tools"],
+                               cwd=ROOT, stderr=subprocess.DEVNULL).returncode != 0
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: str | torch.device, dtype: str | torch.dtype) -> dict:
+    device = torch.device(device)
+    env = {"device": device.type, "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+           "cpu_count": os.cpu_count(), "python": platform.python_version(), "commit": commit(),
+           "versions": {d: _version(d) for d in ("torch", "transformers", "megatron-core", "triton")}}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def sync(device: str | torch.device) -> None:
+    """Wait for queued GPU work, so that a wall-clock interval covers it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
