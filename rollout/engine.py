@@ -100,7 +100,9 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None, **overrides) -> "Engine":
-        """Load a serving-format directory (config.json + safetensors; never remote code)."""
+        """Load a serving-format directory (config.json + safetensors; never remote code).
+        A block-FP8 directory (`tools/export.py --fp8`, the FP8 release) is dequantised on load
+        (`model.load.read_weights`) and runs in `config.dtype`: the engine has no FP8 matmul."""
         from mimo_train.model.load import config_for_weights, read_weights  # megatron import: only here
 
         weights = read_weights(path)

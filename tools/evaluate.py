@@ -4,10 +4,10 @@
         --model student=runs/demo/mopd/checkpoints --data runs/demo/data --out runs/demo/eval
 
 A model is a training checkpoint dir (with `latest`, or one iter_* dir) or a serving dir (what
-tools/export.py writes). --data is a make_data output dir (its eval/eval.jsonl is used), an
-eval/ dir, or a .jsonl file of rows with `domain` and `prompt`. Models are loaded one at a
-time. Writes OUT/results.json, OUT/table.md and OUT/eval.png; bad input prints one
-`error: ...` line and exits with status 2.
+tools/export.py writes; a block-FP8 dir, from --fp8, is dequantised on load). --data is a
+make_data output dir (its eval/eval.jsonl is used), an eval/ dir, or a .jsonl file of rows
+with `domain` and `prompt`. Models are loaded one at a time. Writes OUT/results.json,
+OUT/table.md and OUT/eval.png; bad input prints one `error: ...` line and exits with status 2.
 """
 
 from __future__ import annotations

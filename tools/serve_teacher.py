@@ -5,7 +5,8 @@
 
 The first stdout line is JSON, {"url": "http://127.0.0.1:PORT", ...}, so a parent process that
 started the server with --port 0 can read where it listens. Point the teacher's config at it
-with `server: http://127.0.0.1:PORT`.
+with `server: http://127.0.0.1:PORT`. A block-FP8 serving dir (`tools/export.py --fp8`) is
+dequantised on load and served in the engine's dtype.
 """
 
 from __future__ import annotations

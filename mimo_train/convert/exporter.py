@@ -92,7 +92,7 @@ def _convert(entry: Entry, tensor: torch.Tensor, dtype: torch.dtype, block) -> d
         tensor = torch.chunk(tensor, 2, dim=0)[entry.half]
     if entry.fp8:
         q, scale = fp8.quantize(tensor, block)
-        return {entry.hf: q, entry.hf + "_scale_inv": scale}
+        return {entry.hf: q, entry.hf + fp8.SCALE_SUFFIX: scale}
     out_dtype = torch.float32 if entry.hf.endswith(KEEP_FP32) else dtype
     return {entry.hf: tensor.to(out_dtype).contiguous()}
 

@@ -23,7 +23,7 @@ from mimo_train.model.config import ModelConfig
 from mimo_train.model.hf_mapping import name_pairs
 from mimo_train.model.load import config_for_weights, safetensors_files
 
-SCALE_SUFFIX = "_scale_inv"
+SCALE_SUFFIX = fp8.SCALE_SUFFIX
 
 
 def read_header(file: Path) -> dict:
@@ -72,10 +72,16 @@ class ServingSource:
         except (ValueError, TypeError) as e:
             raise ConvertError(f"{self.path / 'config.json'}: {e}") from e
         self.fp8 = sorted(n for n, h in self.header.items() if h["dtype"] == "F8_E4M3")
+        other = sorted(f"{n} ({h['dtype']})" for n, h in self.header.items()
+                       if h["dtype"].startswith("F8_") and h["dtype"] != "F8_E4M3")
+        if other:
+            raise ConvertError(f"{self.path}: {len(other)} float8 weight(s) in a format other than e4m3: "
+                               f"{shortlist(other)}; only block FP8 e4m3 is dequantised: {fp8.FIX}")
         self.block = None
-        if self.fp8:
+        quant = raw.get("quantization_config")
+        if self.fp8 or (quant and quant.get("quant_method") != "fp8"):
             try:
-                self.block = fp8.block_size(raw.get("quantization_config"))
+                self.block = fp8.block_size(quant)
             except ValueError as e:
                 raise ConvertError(f"{self.path}: {e}") from e
         self._open: dict[Path, object] = {}
@@ -121,7 +127,9 @@ class ServingSource:
         if orphans:
             problems.append(f"scale(s) without a float8 weight: {shortlist(orphans)}")
         if problems:
-            raise ConvertError(f"{self.path} does not match its config.json: " + "; ".join(problems))
+            scales = any(SCALE_SUFFIX in p for p in problems)
+            fix = f" (FP8 scales do not match their weights: {fp8.FIX})" if scales else ""
+            raise ConvertError(f"{self.path} does not match its config.json: " + "; ".join(problems) + fix)
 
     def _tensor(self, name: str) -> torch.Tensor:
         file = self.where[name]

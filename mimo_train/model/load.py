@@ -39,6 +39,17 @@ def safetensors_files(path: str | Path) -> list[Path]:
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every weight of a serving directory under its serving name, as stored, except that
+    block-FP8 weights (`tools/export.py --fp8`, the FP8 release) come back dequantised to fp32
+    and without their `*_scale_inv` tensors (`convert.fp8.dequantize_state`, the rule the
+    importer uses). Every loader of serving directories reads through here (`load_hf`,
+    `Engine.from_pretrained`, `policy_io.read_policy`: the teachers, `tools/serve_teacher.py`,
+    `tools/evaluate.py`), so all of them accept FP8 directories. Dequantising on load is the
+    design, not a stopgap: our layers and the engine's matmuls take bf16/fp32 weights (no FP8
+    matmul here, and none at all on CPU), so each loader then casts to its own dtype."""
+    from mimo_train.convert import fp8
+
+    path = Path(path)
     weights = {}
     for file in safetensors_files(path):
         try:
@@ -47,6 +58,15 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
                     weights[name] = f.get_tensor(name)
         except Exception as e:  # safetensors reports truncation as a bare deserialisation error
             raise ValueError(f"cannot read {file}: {e} (truncated or not a safetensors file?)") from e
+    config = path / "config.json"
+    quant = json.loads(config.read_text()).get("quantization_config") if config.exists() else None
+    quantised = quant is not None or any(n.endswith(fp8.SCALE_SUFFIX) for n in weights) \
+        or any(t.dtype.is_floating_point and t.element_size() == 1 for t in weights.values())
+    if quantised:
+        try:
+            weights = fp8.dequantize_state(weights, quant)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
     return weights
 
 

@@ -29,7 +29,9 @@ import torch
 class TeacherSpec:
     name: str
     domain: str
-    checkpoint: str  # training checkpoint dir or serving dir (what the server loads when `server` is set)
+    # training checkpoint dir or serving dir (block FP8 is dequantised on load); what the server
+    # loads when `server` is set
+    checkpoint: str
     server: str | None = None  # "http://127.0.0.1:PORT": a tools/serve_teacher.py process; None: in-process
     vllm: bool = False  # served by vLLM: at `server` if set, else on a server the run starts from `checkpoint`
 

@@ -54,3 +54,48 @@ def exported(trained, data_dir, tmp_path_factory):
         tool("export").main(["--ckpt", str(trained), "--out", str(out), "--dtype", "fp32", "--shard-size", SHARD_SIZE,
                              "--tokenizer", str(data_dir / "tokenizer"), "--verify", "--no-progress"])
     return out, printed.getvalue()
+
+
+# ---- FP8 twins (tests/convert/test_fp8_serving_load.py): one process, no torchrun ------------
+FP8_BLOCK = (32, 48)  # several blocks per matrix of the tiny model, with edge blocks on both axes
+
+
+@pytest.fixture(scope="session")
+def one_rank_checkpoint(tmp_path_factory, megatron_single) -> Path:
+    """A weights-only training checkpoint of a randomly initialised tiny model, saved in this
+    process with the training code's own `checkpoint.save` (as a one-rank run would). The
+    matrices are scaled to std ~0.1 so that logits and greedy choices depend on the weights
+    (at megatron's init std 0.02 every logit is near 0)."""
+    import dataclasses
+
+    import torch
+
+    from mimo_train.model.gpt import build_model
+    from mimo_train.model.spec import MegatronOptions
+    from mimo_train.parallel.setup import init_distributed
+    from mimo_train.training import checkpoint
+
+    cfg = ModelConfig.preset("tiny", num_nextn_predict_layers=1)
+    init_distributed()
+    torch.manual_seed(11)
+    model = build_model(cfg, MegatronOptions())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.mul_(2.0)
+    out = tmp_path_factory.mktemp("fp8_twins") / "checkpoints"
+    checkpoint.save(out, 0, [model], None, {"model": dataclasses.asdict(cfg)}, keep_last=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fp8_twins(one_rank_checkpoint) -> dict[str, Path]:
+    """The same checkpoint exported twice by our exporter: `fp32` (--dtype fp32) and `fp8`
+    (--dtype fp32 --fp8, block FP8_BLOCK)."""
+    from mimo_train.convert import export_checkpoint
+
+    root = one_rank_checkpoint.parent
+    quiet = dict(progress=False, log=lambda *a: None)
+    export_checkpoint(one_rank_checkpoint, root / "fp32", dtype="fp32", **quiet)
+    export_checkpoint(one_rank_checkpoint, root / "fp8", dtype="fp32", quantize_fp8=True, fp8_block=FP8_BLOCK, **quiet)
+    return {"fp32": root / "fp32", "fp8": root / "fp8"}
