@@ -30,6 +30,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from mimo_train.model.gpt import MiMoOutput, build_model, roll_left
 from mimo_train.model.spec import MegatronOptions, transformer_config
 from mimo_train.parallel.layout import Layout
+from mimo_train.parallel.setup import device
 from mimo_train.training.config import RunConfig
 from mimo_train.training.router_stats import RouterStats
 
@@ -73,7 +74,7 @@ class Trainer:
     def __init__(self, config: RunConfig, layout: Layout):
         self.config, self.layout = config, layout
         # Batches arrive on CPU; NCCL reduces only CUDA tensors, so metric buffers live here too.
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = device()
         opt = megatron_options(config, layout)
         self.tconfig = tc = transformer_config(config.model, opt)
         tc.moe_enable_routing_replay = self.routing_replay and any(config.model.moe_layer_freq)
