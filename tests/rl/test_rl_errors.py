@@ -73,3 +73,20 @@ def test_global_batch_must_match_the_rollout_batch(rl_data, student_init, teache
     args = mopd_args(rl_data, tmp_path, student_init, teacher_init, "train.global_batch=6", "train.micro_batch=1")
     message = run_error(args)
     assert "rl.prompts_per_step x rl.group_size" in message
+
+
+def test_rank0_failure_is_the_same_line_on_every_rank(rl_data, tmp_path):
+    """Under torchrun, rank 0 loads the teachers; its failure is every rank's one `error:` line
+    (rank 1 used to print a traceback of `RuntimeError: rank 0 failed`)."""
+    from tests.training.runs import launch
+
+    missing = tmp_path / "nowhere"
+    args = mopd_args(rl_data, tmp_path / "run", tmp_path / "no_student", missing)
+    code, out = launch(args, nproc=2)
+    assert code != 0, out[-3000:]
+    lines = [l for l in out.splitlines() if "error:" in l]
+    assert len(lines) == 2 and lines[0] == lines[1], out[-3000:]
+    assert str(missing) in lines[0] and "t_" in lines[0]
+    # No rank prints a traceback (torchrun's own ChildFailedError summary, which names the exit
+    # codes, is the launcher's and comes after the ranks have reported).
+    assert "rank 0 failed" not in out and "mimo_train/" not in out.split("ChildFailedError")[0], out[-3000:]

@@ -59,3 +59,14 @@ def test_checkpoint_of_a_different_model_is_refused(capsys, synthetic_data, tmp_
     err = error_of(capsys, tiny_args(synthetic_data, tmp_path, "train.steps=2", "model.hidden_size=32"))
     assert "different model config" in err and "hidden_size" in err
     assert (tmp_path / "checkpoints" / "latest").read_text() == "iter_0000001"
+
+
+def test_traceback_on_request(capsys, monkeypatch, synthetic_data, tmp_path):
+    """The one line by default; MIMO_TRACEBACK=1 adds the traceback after it."""
+    args = tiny_args(synthetic_data, tmp_path, "parallel.tp=3")
+    monkeypatch.delenv("MIMO_TRACEBACK", raising=False)
+    assert "Traceback" not in error_of(capsys, args)
+    monkeypatch.setenv("MIMO_TRACEBACK", "1")
+    err = error_of(capsys, args)
+    assert err.startswith("error: unsupported parallel layout") and "Traceback (most recent call last)" in err
+    assert "check_layout" in err
