@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mimo_train.model.config import ModelConfig
-from mimo_train.model.hf_mapping import WeightNameError, hf_names
+from mimo_train.model.hf_mapping import QUANT_SUFFIXES, QUANTISED_HINT, WeightNameError, hf_names
 
 
 @dataclass
@@ -134,7 +134,8 @@ def check(weights: Weights, named_tensors: dict[str, torch.Tensor], *, complete:
     problems = []
     unknown = sorted(n for n in named_tensors if n not in weights.views)
     if unknown:
-        problems.append(f"{len(unknown)} unknown name(s): {_short(unknown)}")
+        hint = QUANTISED_HINT if any(n.endswith(QUANT_SUFFIXES) for n in unknown) else ""
+        problems.append(f"{len(unknown)} unknown name(s): {_short(unknown)}{hint}")
     bad = []
     for name, t in named_tensors.items():
         if name in weights.views:

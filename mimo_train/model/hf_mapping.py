@@ -88,7 +88,7 @@ class WeightNameError(ValueError):
 
 # Tensor names of quantised checkpoints (block FP8, GPTQ/AWQ, compressed-tensors): when they
 # are what does not match, the error says which quantisation is read and what to do.
-_QUANT_SUFFIXES = ("_scale_inv", "weight_scale", "input_scale", ".qweight", ".qzeros", ".scales", ".g_idx")
+QUANT_SUFFIXES = ("_scale_inv", "weight_scale", "input_scale", ".qweight", ".qzeros", ".scales", ".g_idx")
 QUANTISED_HINT = (" (quantisation tensors: the loaders dequantise only block FP8, e4m3 weights with their "
                   "weight_scale_inv and a quantization_config in config.json, as tools/export.py --fp8 writes; "
                   "dequantise other formats to bf16 first)")
@@ -107,7 +107,7 @@ def from_hf(weights: dict[str, torch.Tensor], cfg: ModelConfig, *, mtp: bool = T
             + (f"{len(missing)} missing weight(s): {_shortlist(missing)}" if missing else "")
             + ("; " if missing and unknown else "")
             + (f"{len(unknown)} unknown weight(s): {_shortlist(unknown)}" if unknown else "")
-            + (QUANTISED_HINT if any(k.endswith(_QUANT_SUFFIXES) for k in unknown) else ""))
+            + (QUANTISED_HINT if any(k.endswith(QUANT_SUFFIXES) for k in unknown) else ""))
     out = {}
     for ours, hf in pairs:
         out[ours] = torch.cat([weights[hf[0]], weights[hf[1]]], dim=0) if isinstance(hf, tuple) else weights[hf]

@@ -291,5 +291,6 @@ def test_other_quantised_weights_are_named_as_such(twins, tmp_path, megatron_sin
     tensors[prefix + ".qweight"] = torch.zeros(w.shape[0], w.shape[1] // 8, dtype=torch.int32)
     tensors[prefix + ".scales"] = torch.ones(1, w.shape[0])
     bad = write_copy(twins["fp32"], tmp_path / "gptq", tensors)
-    with pytest.raises(ValueError, match="quantisation tensors: the loaders dequantise only block FP8"):
-        mimo_train.load_hf(bad, device="cpu")
+    for load in (_load_hf, _engine):
+        with pytest.raises(ValueError, match="quantisation tensors: the loaders dequantise only block FP8"):
+            load(bad)
