@@ -86,8 +86,10 @@ def needed() -> bool:
 
 
 def apply() -> bool:
-    """Patch megatron-core for CPU if CUDA is absent. Idempotent; returns whether it patched."""
+    """Patch megatron-core for CPU if CUDA is absent. Idempotent; returns whether it patched.
+    On any device, first make megatron-core usable without Transformer Engine (below)."""
     global _APPLIED
+    _without_transformer_engine()
     if _APPLIED or not needed():
         return _APPLIED
     _patch_torch_cuda()
@@ -119,12 +121,18 @@ def _patch_rng() -> None:
     mrandom._set_cuda_rng_state = lambda state, *a, **k: _RNG.set_state(state)
 
 
-def _patch_moe() -> None:
+def _without_transformer_engine() -> None:
+    """megatron-core 0.16.1 imports `te_general_gemm` only when Transformer Engine is installed,
+    then tests `te_general_gemm is not None` in the MoE router's gating: without TE every MoE
+    forward raises NameError, on a GPU as on CPU (seen on an H200 by tools/gpu_check.py). None is
+    what the check means by "no TE"."""
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
 
+
+def _patch_moe() -> None:
     from megatron.core.tensor_parallel import mappings
 
     original = mappings._AllToAll.forward

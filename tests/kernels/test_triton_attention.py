@@ -85,10 +85,10 @@ def test_queries_against_a_longer_cache():
     """Chunked prefill: 21 queries at positions 30..50 against 53 slots holding positions
     0..50 and two empty slots (-1), with a window and sinks; gradients included."""
     gen = torch.Generator().manual_seed(7)
-    rand = lambda *shape: torch.randn(*shape, generator=gen).to().requires_grad_()  # noqa: E731
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE).requires_grad_()  # noqa: E731
     q, k, v = rand(1, 21, 4, 24), rand(1, 53, 2, 24), rand(1, 53, 2, 16)
-    k_pos = torch.cat([torch.arange(40), torch.tensor([-1, -1]), torch.arange(40, 51)])[None].to()
-    q_pos = torch.arange(30, 51)[None].to()
+    k_pos = torch.cat([torch.arange(40), torch.tensor([-1, -1]), torch.arange(40, 51)])[None].to(DEVICE)
+    q_pos = torch.arange(30, 51)[None].to(DEVICE)
     kwargs = dict(scale=0.2, q_pos=q_pos, k_pos=k_pos, window=9,
                   sinks=sinks_both_signs(4, gen, DEVICE).requires_grad_())
     check((q, k, v), kwargs, gen, torch.float32)
@@ -99,7 +99,7 @@ def test_rows_that_see_nothing():
     q = torch.randn(1, 20, 2, 16, device=DEVICE, requires_grad=True)
     k = torch.randn(1, 20, 1, 16, device=DEVICE, requires_grad=True)
     v = torch.randn(1, 20, 1, 16, device=DEVICE, requires_grad=True)
-    pos = torch.cat([torch.arange(17), torch.full((3,), -1)])[None].to()
+    pos = torch.cat([torch.arange(17), torch.full((3,), -1)])[None].to(DEVICE)
     out, lse = flash_attention(q, k, v, scale=0.25, q_pos=pos, k_pos=pos)
     assert torch.equal(out[0, 17:], torch.zeros_like(out[0, 17:]))
     assert torch.isinf(lse[0, :, 17:]).all() and (lse[0, :, 17:] < 0).all()

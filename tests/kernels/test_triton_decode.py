@@ -33,7 +33,7 @@ def cache_case(dtype, seed, *, lengths, sq, heads, kv_heads, window, sinks, slot
             k_pos[i, (p + 3 * i) % slots] = p
         else:
             k_pos[i, :n] = torch.arange(n)
-    kwargs = dict(scale=dk ** -0.5, q_pos=q_pos.to(), k_pos=k_pos.to(), window=window,
+    kwargs = dict(scale=dk ** -0.5, q_pos=q_pos.to(DEVICE), k_pos=k_pos.to(DEVICE), window=window,
                   sinks=sinks_both_signs(heads, gen, DEVICE) if sinks else None)
     return (q, k, v), kwargs
 

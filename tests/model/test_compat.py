@@ -11,9 +11,12 @@ from mimo_train.model import compat
 
 
 def test_applies_only_without_cuda():
+    """With CUDA nothing of torch is patched; megatron's MoE gating still works without
+    Transformer Engine (its missing `te_general_gemm` name is defined as None on any device)."""
     code = ("import torch; torch.cuda.is_available = lambda: True; before = torch.cuda.current_device; "
+            "from megatron.core.transformer.moe import moe_utils; assert not hasattr(moe_utils, 'te_general_gemm'); "
             "from mimo_train.model import compat; assert compat.apply() is False; "
-            "assert torch.cuda.current_device is before; print('untouched')")
+            "assert torch.cuda.current_device is before; assert moe_utils.te_general_gemm is None; print('untouched')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "untouched" in out.stdout
