@@ -9,11 +9,18 @@ kernels' dispatcher.
 
 Positions come from `packed_seq_params` (cu_seqlens: positions restart and attention stops at
 each boundary) or, without it, are 0..s-1 for every row.
+
+Selective recompute (`parallel.recompute=selective`, megatron's `recompute_modules` holding
+"core_attn"): megatron applies it inside its own attention class only, so this module does it
+itself. The core attention (the kernel call) keeps only its inputs for backward and runs again
+there: on the reference path that drops the [heads, s, s] scores and probabilities each layer
+would otherwise keep; the Triton kernel keeps no scores anyway, so on GPU it only costs time.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
@@ -71,6 +78,8 @@ class MiMoAttention(MegatronModule):
         self.rotary_dim, self.rope_theta = dims["rotary_dim"], dims["rope_theta"]
         self.window, self.value_scale = dims["window"], dims["value_scale"]
         self.scale = self.head_dim ** -0.5
+        self.recompute_core_attention = (config.recompute_granularity == "selective"
+                                         and "core_attn" in (config.recompute_modules or []))
 
         h = config.hidden_size
         column = dict(config=config, init_method=config.init_method, bias=False, gather_output=False,
@@ -110,10 +119,20 @@ class MiMoAttention(MegatronModule):
         cos, sin = rope_cos_sin(pos, self.rotary_dim, self.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        out, _ = attention_kernel(q, k, v, scale=self.scale, q_pos=pos, k_pos=pos, sinks=self.sinks,
-                                  window=self.window, q_seg=seg, k_seg=seg)
+        if self.recompute_core_attention and self.training and torch.is_grad_enabled():
+            # No randomness inside (no attention dropout): nothing to replay but the inputs.
+            out = torch.utils.checkpoint.checkpoint(self.core_attention, q, k, v, pos, seg,
+                                                    use_reentrant=False, preserve_rng_state=False)
+        else:
+            out = self.core_attention(q, k, v, pos, seg)
         out = out.transpose(0, 1).reshape(s, b, self.heads * self.v_head_dim)
         return self.linear_proj(out)
+
+    def core_attention(self, q, k, v, pos, seg):
+        """[b, s, heads, v_head_dim] from [b, s, heads or kv heads, dim] q, k, v."""
+        out, _ = attention_kernel(q, k, v, scale=self.scale, q_pos=pos, k_pos=pos, sinks=self.sinks,
+                                  window=self.window, q_seg=seg, k_seg=seg)
+        return out
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         sharded = {}

@@ -42,7 +42,7 @@ class MegatronOptions:
     mtp_loss_scaling_factor: float = 0.3
     expert_bias_update_rate: float = 1e-3
     moe_dispatcher: str = "alltoall"
-    recompute: str | None = None  # None, "full" or "selective"
+    recompute: str | None = None  # None, "full" or "selective" (MiMoAttention recomputes its core)
 
 
 def transformer_config(cfg: ModelConfig, opt: MegatronOptions | None = None) -> TransformerConfig:

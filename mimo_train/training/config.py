@@ -40,7 +40,7 @@ class ParallelConfig:
     vpp: int | None = None  # virtual pipeline stages per rank (interleaved 1F1B)
     sequence_parallel: bool = False  # forced on for MoE models with tp > 1 (megatron needs it)
     distributed_optimizer: bool = True
-    recompute: str | None = None  # null, "full" or "selective"
+    recompute: str | None = None  # null, "full" (whole layers) or "selective" (our core attention only)
     # How long a rank waits in a collective before the run is ended: long enough for rank 0's
     # rollouts and server start-ups while the others wait (torch's NCCL default is 10 minutes).
     timeout_minutes: int = 60
@@ -139,7 +139,8 @@ class RunConfig:
                 self.rl.validate(self.recipe)
                 self.rollout.validate()
                 # Full recompute re-runs the routers in backward, after later micro-batches' forwards
-                # (1F1B): they would replay another micro-batch's experts.
+                # (1F1B): they would replay another micro-batch's experts. Selective recompute re-runs
+                # only the core attention (MiMoAttention), no router.
                 _need(self.parallel.recompute != "full" or not any(self.model.moe_layer_freq),
                       "parallel.recompute=full is not supported with routing replay (RL recipes on MoE models): "
                       "use parallel.recompute=selective or null")
