@@ -15,8 +15,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def commit() -> str:
-    """HEAD, with "+dirty" when the working tree differs from it (a figure from uncommitted code)."""
+    """HEAD, with "+dirty" when the working tree differs from it (a figure from uncommitted code).
+    A copy that is not a checkout of its own (an exported tree inside another repository, as sent
+    to a lent GPU) says so, unless MIMO_COMMIT names the commit it was exported from."""
+    if os.environ.get("MIMO_COMMIT"):
+        return os.environ["MIMO_COMMIT"]
     try:
+        top = subprocess.check_output(["git", "rev-parse", "--show-toplevel"], cwd=ROOT, text=True,
+                                      stderr=subprocess.DEVNULL).strip()
+        if Path(top).resolve() != ROOT:
+            return "unknown (not a git checkout; set MIMO_COMMIT)"
         head = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                                        stderr=subprocess.DEVNULL).strip()
         dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "mimo_train", "rollout", "kernels", "tools"],
