@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.bench_env import environment  # noqa: E402
 
 SIZES = {  # overrides of the `tiny` preset
     "s": dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=256, n_routed_experts=8),
@@ -116,7 +117,7 @@ def main(argv: list[str]) -> dict | None:
     rank = dist.get_rank()
     work = Path(tempfile.mkdtemp(prefix="bench_weight_sync_")) if rank == 0 else None
     results = {"world_size": dist.get_world_size(), "tp": a.tp, "bucket_mb": a.bucket_mb, "repeats": a.repeats,
-               "dtype": "float32", "device": "cpu", "commit": _commit(), "sizes": {}}
+               **environment("cpu", "float32"), "sizes": {}}
     for name in a.sizes.split(","):
         cfg = ModelConfig.preset("tiny", **HEADS, **SIZES[name])
         model = build_model(cfg, MegatronOptions(tp=a.tp, sequence_parallel=a.tp > 1))
@@ -157,15 +158,6 @@ def main(argv: list[str]) -> dict | None:
         print(json.dumps(results, indent=2))
     dist.destroy_process_group()
     return results
-
-
-def _commit() -> str:
-    import subprocess
-
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":
