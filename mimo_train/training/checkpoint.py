@@ -8,9 +8,17 @@ Layout of `<checkpoint dir>`:
         rng/rank_00000.pt   every RNG state of each rank
 
 A save goes to `iter_N.tmp/` and is renamed to `iter_N/` only when every rank has finished
-and the state file is on disk; `latest` is then replaced atomically. A crash at any moment
-leaves the previous checkpoint and `latest` untouched; a leftover `.tmp` is deleted by the
-next save. Model and optimizer tensors are stored by their global (layout-free) keys, so a
+and the state file is on disk; `latest` is then replaced atomically, and both renames are made
+durable (fsync of the directory). A crash at any moment leaves the previous checkpoint and
+`latest` untouched; a leftover `.tmp` is deleted by the next save.
+
+`latest` is the commit point. A save of step N when `iter_N/` exists:
+- `latest` names it: this run resumed from it or has just saved it, so it already holds this
+  state; nothing is written. (`check_fresh_start` makes sure a run that does not resume never
+  meets another run's `latest`.)
+- `latest` does not name it: it was never committed (a crash between the rename and `latest`,
+  or a dir whose `latest` was removed); it is replaced, and `latest` advanced, without a moment
+  where `latest` names no complete checkpoint. Model and optimizer tensors are stored by their global (layout-free) keys, so a
 checkpoint resumes under a different TP/PP/EP/DP layout; RNG states are per rank and are
 restored only under the same layout (the data position is global either way).
 """
@@ -40,6 +48,16 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make the renames and creations inside `path` durable (a rename is only in the directory
+    until the directory itself is flushed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".partial")
     with open(tmp, "w") as f:
@@ -47,6 +65,14 @@ def _fsync_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _complete(checkpoint_dir: Path) -> list[Path]:
+    """The complete `iter_N` dirs, by step."""
+    dirs = [p for p in Path(checkpoint_dir).glob("iter_*")
+            if p.is_dir() and p.name[5:].isdigit() and (p / STATE_FILE).exists()]
+    return sorted(dirs, key=lambda p: int(p.name[5:]))
 
 
 def rng_state() -> dict:
@@ -116,8 +142,21 @@ def latest(checkpoint_dir: Path) -> Path | None:
     path = pointer.parent / pointer.read_text().strip()
     if not (path / STATE_FILE).exists():
         raise CheckpointError(f"{pointer} points to {path}, which is not a complete checkpoint "
-                              f"(no {STATE_FILE}); delete {pointer} to start over or point it to a complete iter_* dir")
+                              f"(no {STATE_FILE}); point it to a complete iter_* dir, or move {checkpoint_dir} "
+                              "away to start over")
     return path
+
+
+def check_fresh_start(checkpoint_dir: Path) -> None:
+    """A run that does not resume (checkpoint.resume=false) must not save into a checkpoint
+    dir with a `latest`: a step that run committed would count as already saved, and the two
+    runs' checkpoints would be pruned against each other. Called before any work."""
+    pointer = Path(checkpoint_dir) / "latest"
+    if pointer.exists():
+        raise CheckpointError(
+            f"checkpoint dir {checkpoint_dir} holds another run (latest: {pointer.read_text().strip()}) and "
+            "checkpoint.resume=false: set checkpoint.dir (or logging.run_dir) to a new directory, or move the old "
+            "one away, or resume it with checkpoint.resume=true")
 
 
 def save(checkpoint_dir: Path, step: int, model_chunks, optimizer, state: dict, keep_last: int) -> Path:
@@ -128,11 +167,13 @@ def save(checkpoint_dir: Path, step: int, model_chunks, optimizer, state: dict, 
     tmp = checkpoint_dir / f"iter_{step:07d}.tmp"
     rank = dist.get_rank()
     compat.single_process_checkpoint_queue()
-    if (final / STATE_FILE).exists():
-        return final  # this step is already saved, completely; never rewrite a good checkpoint
+    pointer = checkpoint_dir / "latest"
+    if (final / STATE_FILE).exists() and pointer.exists() and pointer.read_text().strip() == final.name:
+        return final  # committed, and this run's own state (see the module docstring)
     if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by a crash during an earlier save
+        for stale in [tmp, *checkpoint_dir.glob("iter_*.old")]:  # left by a crash during an earlier save
+            if stale.exists():
+                shutil.rmtree(stale)
         tmp.mkdir(parents=True)
     dist.barrier()
     dist_checkpointing.save(_sharded(model_chunks, optimizer, is_loading=False), str(tmp))
@@ -142,13 +183,18 @@ def save(checkpoint_dir: Path, step: int, model_chunks, optimizer, state: dict, 
     if rank == 0:
         _fsync_write(tmp / STATE_FILE, json.dumps({**state, "step": step, "world_size": dist.get_world_size(),
                                                          "weights_only": optimizer is None}, indent=1))
-        if final.exists():  # an incomplete dir without a state file cannot be `latest`
-            shutil.rmtree(final)
+        # An uncommitted iter_N (latest names another checkpoint) is moved aside, not deleted,
+        # until the new one has taken its name and `latest` names it.
+        old = checkpoint_dir / f"iter_{step:07d}.old"
+        if final.exists():
+            os.rename(final, old)
         os.rename(tmp, final)
-        _fsync_write(checkpoint_dir / "latest", final.name)
-        complete = sorted(p for p in checkpoint_dir.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in complete[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(checkpoint_dir)
+        _fsync_write(pointer, final.name)
+        shutil.rmtree(old, ignore_errors=True)
+        # Prune by step, among this run's steps: a dir beyond `step` is not older than this one.
+        for older in [p for p in _complete(checkpoint_dir) if int(p.name[5:]) <= step][:-keep_last]:
+            shutil.rmtree(older, ignore_errors=True)
     dist.barrier()
     return final
 

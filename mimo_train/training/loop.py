@@ -58,6 +58,8 @@ def _model_mismatch(saved: dict, current: dict) -> list[str]:
 
 def resume(trainer: Trainer, loader: DataLoader, config: RunConfig, layout: Layout) -> str | None:
     """Load `latest` (full state) or `checkpoint.load` (weights only). Returns what was loaded."""
+    if not config.checkpoint.resume:
+        checkpoint.check_fresh_start(config.checkpoint_dir)
     path = checkpoint.latest(config.checkpoint_dir) if config.checkpoint.resume else None
     full = path is not None
     if path is None and config.checkpoint.load:

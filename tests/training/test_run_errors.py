@@ -70,3 +70,12 @@ def test_traceback_on_request(capsys, monkeypatch, synthetic_data, tmp_path):
     err = error_of(capsys, args)
     assert err.startswith("error: unsupported parallel layout") and "Traceback (most recent call last)" in err
     assert "check_layout" in err
+
+
+def test_a_fresh_run_refuses_a_checkpoint_dir_holding_another_run(capsys, synthetic_data, tmp_path, megatron_single):
+    """checkpoint.resume=false into a dir with a `latest`: that run's committed steps would count
+    as saved by this one."""
+    train(tiny_args(synthetic_data, tmp_path, "train.steps=2", "train.stop_at=1"))
+    err = error_of(capsys, tiny_args(synthetic_data, tmp_path, "train.steps=2", "checkpoint.resume=false"))
+    assert "holds another run (latest: iter_0000001)" in err and "checkpoint.dir" in err
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "iter_0000001"
