@@ -50,3 +50,17 @@ def test_layers_that_pp_does_not_divide_name_the_layer_count():
 def test_a_valid_layout_passes():
     layout = layout_of(["model=small", "model.num_key_value_heads=2", "parallel.tp=2", "parallel.pp=2"], 4)
     assert (layout.tp, layout.pp, layout.dp) == (2, 2, 1)
+
+
+@pytest.mark.parametrize("batch, fit", [
+    (["train.global_batch=8", "train.micro_batch=2"], "set train.micro_batch=4, or parallel.vpp=null"),
+    (["train.global_batch=5", "train.micro_batch=1"], "set train.global_batch=2, or parallel.vpp=null"),
+])
+def test_interleaved_pipeline_needs_pp_micro_batches(batch, fit):
+    """Interleaved 1F1B with more micro-batches than stages drifts from one process (see
+    layout.py): refused, with the batch setting that fits."""
+    args = ["model=tiny", "parallel.pp=2", "parallel.vpp=3", *batch]
+    message = refusal(args, 2)
+    assert "exactly pp=2 micro-batches per step" in message and fit in message
+    fixed = re.search(r"set (train\.\w+=\d+)", message).group(1)
+    assert layout_of(args + [fixed], 2).vpp == 3
