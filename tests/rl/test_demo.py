@@ -1,7 +1,8 @@
 """The demo (tools/demo.py) as `make demo` runs it, shrunk: every stage on the `tiny` model for a
 step or two, in a process of its own as a user starts it. What it must leave behind: each
 stage's run directory, the evaluation of base, teachers and student on every domain, the
-exported student, the MTP accept lengths and the report."""
+exported student, the MTP accept lengths and the report, which names the command, commit and
+machine its figures come from."""
 
 from __future__ import annotations
 
@@ -36,6 +37,11 @@ def test_the_whole_pipeline_runs_and_reports(tmp_path):
     assert 1.0 <= spec["K=3"]["mean_accept_length"] <= 4.0 and len(spec["K=3"]["acceptance_per_position"]) == 3
     report = (out / "report.md").read_text()
     assert "| MOPD / teachers |" in report and "![evaluation](eval/eval.png)" in report
+    # The figures name where they come from: the command, the commit and the machine.
+    env = summary["environment"]
+    assert summary["command"].startswith("python tools/demo.py out=") and "model=tiny" in summary["command"]
+    assert env["commit"] and env["device"] == "cpu" and env["threads"] >= 1
+    assert f"at commit {env['commit']} on cpu" in report
     assert (out / "eval" / "eval.png").is_file()
 
 
