@@ -127,7 +127,7 @@ def main(argv: list[str]) -> dict:
     evaluation = _tool("evaluate").main([*[f"--model={n}={p}" for n, p in models.items()], f"--data={data}",
                                          "--max-new-tokens=8", f"--out={out / 'eval'}",
                                          *([f"--limit={args['eval_limit']}"] if args["eval_limit"] else [])])
-    results = evaluation["results"] if "results" in evaluation else evaluation
+    results = evaluation.get("results", evaluation)
 
     console.rule("[bold]5. export of the student, and its MTP drafts in our engine")
     export_dir = out / "export"
@@ -179,10 +179,11 @@ def depth_table(run_dir: Path, seconds: float):
 
 def accept_lengths(export_dir: Path, data: Path, n: int = 32) -> dict:
     """Sample the student (temperature 1) on held-out prompts with K = 0 and K = 3 drafts."""
-    from mimo_train.data.dataset import load_tokenizer
-    from mimo_train.rl.evaluate import load_eval_rows, prompt_ids
     from mimo_train.rollout.api import SamplingParams
     from mimo_train.rollout.engine import Engine, EngineConfig
+
+    from mimo_train.data.dataset import load_tokenizer
+    from mimo_train.rl.evaluate import load_eval_rows, prompt_ids
 
     engine = Engine.from_pretrained(export_dir, EngineConfig(max_batch=1, max_len=128))
     tokenizer = load_tokenizer(str(data / "tokenizer"))
@@ -219,9 +220,9 @@ def write_report(out: Path, summary: dict) -> Path:
               "## Curves", "", "![base losses](base/loss.png)", "",
               *[f"![teacher {d}](teacher_{d}/rewards.png)" for d in DOMAINS], "", "![student](student/rewards.png)", "",
               f"Total: {summary['total_seconds'] / 60:.1f} min.", "",
-              f"Run: `{summary['command'].strip()}` at commit {env['commit']} on {env['device']} "
-              f"({env['cpu_count']} CPUs, {env['threads']} torch threads{', ' + env['gpu'] if 'gpu' in env else ''}), "
-              f"torch {env['versions']['torch']}, megatron-core {env['versions']['megatron-core']}."]
+              (f"Run: `{summary['command'].strip()}` at commit {env['commit']} on {env['device']} "
+               f"({env['cpu_count']} CPUs, {env['threads']} torch threads{', ' + env['gpu'] if 'gpu' in env else ''}), "
+               f"torch {env['versions']['torch']}, megatron-core {env['versions']['megatron-core']}.")]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
