@@ -1,5 +1,5 @@
 """Checkpoint conversion: training checkpoints (megatron dist_checkpointing, any layout) to and
-from the serving format of shared ARCHITECTURE.md, with optional block FP8.
+from the serving format (docs/export.md), with optional block FP8.
 
     export_checkpoint(ckpt, out, dtype="bf16", shard_size="5GB", tokenizer=...)  # tools/export.py
     import_serving(hf_dir, out, tp=1, pp=1, ep=1)                                  # tools/import_hf.py

@@ -1,6 +1,6 @@
 """`ModelConfig`: the one source of truth for the sizes of a MiMo-V2-Flash-style model.
 
-Field names follow the hub `config.json` of the release (see shared ARCHITECTURE.md), so a
+Field names follow the hub `config.json` of the release (docs/architecture.md), so a
 config round-trips through `to_hub_dict` / `from_hub_dict` unchanged. `from_hub_dict` also
 reads the field names of transformers' `MiMoV2FlashConfig` (`layer_types`, `mlp_layer_types`,
 `sliding_window`, `rope_parameters`, `rms_norm_eps`), and `to_hub_dict` writes both sets so

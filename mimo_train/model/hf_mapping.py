@@ -3,7 +3,7 @@
 Export, import, `load_hf` and trainer -> rollout weight sync all go through `to_hf` /
 `from_hf`. Both work on full (unsharded) tensors as a one-rank model holds them.
 
-Serving names (shared ARCHITECTURE.md), per main layer i under `model.layers.{i}.` and per MTP
+Serving names (docs/export.md, "Serving names"), per main layer i under `model.layers.{i}.` and per MTP
 layer k under `model.mtp.layers.{k}.`:
   self_attn.{q,k,v,o}_proj.weight, self_attn.attention_sink_bias (SWA), input_layernorm,
   post_attention_layernorm (main) / pre_mlp_layernorm (MTP), mlp.{gate,up,down}_proj (dense),

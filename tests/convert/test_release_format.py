@@ -1,5 +1,5 @@
-"""The export is the release's serving format: its key set is the naming list of shared
-ARCHITECTURE.md (written out here independently of hf_mapping), config.json carries the hub
+"""The export is the release's serving format: its key set is the release's naming list
+(docs/export.md, "Serving names"; written out here independently of hf_mapping), config.json carries the hub
 field names, the shards respect --shard-size and the index, and the side files are there."""
 
 import json
@@ -11,7 +11,7 @@ from mimo_train.convert import export_checkpoint
 from mimo_train.convert.serving import parse_size
 from tests.convert.conftest import SHARD_SIZE, run_config
 
-# ARCHITECTURE.md, "Checkpoint (serving) format": the hub field names config.json must carry.
+# The release's hub field names, which config.json must carry (docs/architecture.md).
 HUB_FIELDS = ["hybrid_layer_pattern", "moe_layer_freq", "swa_num_attention_heads", "swa_num_key_value_heads",
               "swa_head_dim", "swa_v_head_dim", "head_dim", "v_head_dim", "sliding_window_size",
               "add_swa_attention_sink_bias", "add_full_attention_sink_bias", "rope_theta", "swa_rope_theta",
@@ -21,7 +21,7 @@ HUB_FIELDS = ["hybrid_layer_pattern", "moe_layer_freq", "swa_num_attention_heads
 
 
 def release_names(cfg, mtp: bool = True) -> set[str]:
-    """The weight names ARCHITECTURE.md lists, for this config."""
+    """The weight names the release uses, for this config."""
     names = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
 
     def block(p: str, swa: bool, moe: bool, norm_before_mlp: str):

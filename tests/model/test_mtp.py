@@ -1,7 +1,7 @@
 """MTP layers: the depth-k logits equal an independent reference of the chain, and training
 with the MTP loss lowers the main and every MTP loss.
 
-The reference is written here from ARCHITECTURE.md, in plain PyTorch, without the code under
+The reference is written here from the MTP facts (docs/architecture.md), in plain PyTorch, without the code under
 test: MTP layer k takes the previous depth's hidden state h (the main model's output after its
 final norm for k = 0) and the embedding of the token k+1 places ahead, computes
 eh_proj(cat(enorm(emb), hnorm(h))), runs one pre-norm block of SWA attention with sinks and a
