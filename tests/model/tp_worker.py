@@ -11,7 +11,7 @@ import torch
 from mimo_train.model.config import ModelConfig
 from mimo_train.model.gpt import build_model
 from mimo_train.model.spec import MegatronOptions
-from mimo_train.parallel.setup import init_distributed
+from mimo_train.parallel.setup import device, init_distributed
 
 DENSE_TINY = dict(moe_layer_freq=[0] * 6, num_key_value_heads=2, swa_num_key_value_heads=2)
 
@@ -24,12 +24,13 @@ def run(tp: int) -> tuple[list[torch.Tensor], dict[str, tuple]]:
     """Logits of every depth, and (local shape, global shape) of each sink parameter as
     megatron's distributed checkpointing will store it."""
     init_distributed(tp=tp, seed=0)
-    model = build_model(ModelConfig.preset("tiny", **DENSE_TINY), MegatronOptions(tp=tp))
+    on = device()  # the rank's GPU under NCCL (the GPU lane), else the CPU
+    model = build_model(ModelConfig.preset("tiny", **DENSE_TINY), MegatronOptions(tp=tp)).to(on)
     sinks = {k: (tuple(t.local_shape), tuple(t.global_shape))
              for k, t in model.sharded_state_dict().items() if k.endswith("sinks")}
-    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1)).to(on)
     with torch.no_grad():
-        return model(ids, runtime_gather_output=True).logits, sinks
+        return [t.cpu() for t in model(ids, runtime_gather_output=True).logits], sinks
 
 
 if __name__ == "__main__":
