@@ -56,9 +56,10 @@ def teacher32(rl_data, tmp_path_factory, megatron_single):
     return run_dir / "checkpoints"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vllm_server(rl_data, tmp_path_factory):
-    """One vLLM server for the runs that are given a URL (as a cluster launcher's would be)."""
+    """One vLLM server for the runs that are given a URL (as a cluster launcher's would be);
+    module-scoped: an idle vLLM CPU server still takes CPU time from the tests after it."""
     from tests.rollout.vllm_utils import start_server, tiny32
 
     server = start_server(tmp_path_factory.mktemp("vllm"), tiny32(), rl_data / "tokenizer")
