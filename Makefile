@@ -49,12 +49,12 @@ setup:
 demo: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) tools/demo.py
 
-# The tests run on TEST_WORKERS pytest-xdist workers, a directory's files together on one worker
-# (they share session fixtures: tests/conftest.py); much of the suite waits on subprocesses
-# (torchrun ranks, vLLM servers starting), so two workers overlap that waiting even on two cores.
+# Test files run on TEST_WORKERS pytest-xdist workers, each file whole on one worker (its module
+# fixtures are built once); much of the suite waits on subprocesses (torchrun ranks, vLLM servers
+# starting), so two workers overlap that waiting even on two cores.
 TEST_WORKERS ?= 2
 test: setup
-	WANDB_MODE=disabled $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=30 $(TEST_SELECT)
+	WANDB_MODE=disabled $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 $(TEST_SELECT)
 
 # The GPU lane (docs/gpu.md): the Triton kernels natively, the model in bf16, training steps and
 # the engine on CUDA, TP=2 on NCCL where two GPUs exist. Needs a CUDA GPU; `make test` hides it.

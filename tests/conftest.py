@@ -31,33 +31,9 @@ def _cuda_vllm() -> bool:
     return bool(list(venv.glob("lib/python*/site-packages/vllm-*.dist-info")))
 
 
-# `make test` runs on pytest-xdist workers with --dist loadgroup. The test files of a directory
-# share its session fixtures (trained checkpoints, a tokenizer, a served model), so a directory
-# is one group, on one worker, and its fixtures are built once; tests/rl is two (its vLLM files
-# and the rest) to balance the workers. Groups start longest first (from the slowest-tests list
-# `make test` prints), so that no long group starts last.
-LONGEST_FIRST = ["rl-vllm", "training", "docs", "rl", "rollout", "convert", "model", "kernels"]
-
-
-def _group(nodeid: str) -> str:
-    parts = nodeid.split("::")[0].split("/")
-    if len(parts) < 3:
-        return "tests"
-    if parts[1] == "rl" and "vllm" in parts[2]:
-        return "rl-vllm"
-    return parts[1]
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the markers
 def pytest_collection_modifyitems(config, items):
-    """Groups and order for the xdist workers (above); GPU-lane tests (marked `gpu`) skip in the
-    CPU lane and without CUDA; vLLM tests skip in the CPU lane where the vLLM environment is the
-    CUDA build. Each skip says why."""
-    rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
-    order = {id(item): i for i, item in enumerate(items)}
-    items.sort(key=lambda it: (rank.get(_group(it.nodeid), len(rank)), order[id(it)]))
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_group(item.nodeid)))
+    """GPU-lane tests (marked `gpu`) skip in the CPU lane and without CUDA; vLLM tests skip in
+    the CPU lane where the vLLM environment is the CUDA build. Each says why."""
     gpu_reason = None
     if LANE == "cpu":
         gpu_reason = "GPU lane only: run `make test-gpu` on a machine with a CUDA GPU"
