@@ -31,24 +31,9 @@ def _cuda_vllm() -> bool:
     return bool(list(venv.glob("lib/python*/site-packages/vllm-*.dist-info")))
 
 
-# `make test` hands test files to its xdist workers in collection order (--dist loadfile). These
-# take minutes each (the slowest-tests list `make test` prints): they go first, so that none
-# starts last and runs alone at the end.
-LONGEST_FIRST = [
-    "tests/rl/test_vllm_runs.py", "tests/training/test_parallel_parity.py", "tests/docs/test_docs_commands.py",
-    "tests/rl/test_vllm_teacher_runs.py", "tests/rollout/test_vllm_mtp.py", "tests/rl/test_mopd_runs.py",
-    "tests/training/test_resume.py", "tests/rollout/test_vllm_faults.py", "tests/rl/test_rl_errors.py",
-    "tests/rl/test_weight_stream.py", "tests/rollout/test_vllm_server.py", "tests/rl/test_vllm_teacher.py",
-]
-
-
 def pytest_collection_modifyitems(config, items):
-    """The longest files first (above); GPU-lane tests (marked `gpu`) skip in the CPU lane and
-    without CUDA; vLLM tests skip in the CPU lane where the vLLM environment is the CUDA build.
-    Each skip says why."""
-    rank = {f: i for i, f in enumerate(LONGEST_FIRST)}
-    order = {id(item): i for i, item in enumerate(items)}
-    items.sort(key=lambda it: (rank.get(it.nodeid.split("::")[0], len(rank)), order[id(it)]))
+    """GPU-lane tests (marked `gpu`) skip in the CPU lane and without CUDA; vLLM tests skip in
+    the CPU lane where the vLLM environment is the CUDA build. Each says why."""
     gpu_reason = None
     if LANE == "cpu":
         gpu_reason = "GPU lane only: run `make test-gpu` on a machine with a CUDA GPU"
