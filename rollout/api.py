@@ -50,6 +50,39 @@ class SamplingParams:
 
 
 @dataclass
+class DraftCounts:
+    """Speculative decoding as one sample saw it, counting only tokens it took: a draft accepted
+    past its stop token or length limit never reaches it, so it is not counted as accepted."""
+
+    steps: int = 0  # verify steps the sample took part in
+    tokens: int = 0  # tokens those steps handed it (its first token comes from the prefill)
+    proposed: list[int] = field(default_factory=list)  # [j]: drafts at position j proposed to it
+    accepted: list[int] = field(default_factory=list)  # [j]: of those, accepted and taken
+
+    @staticmethod
+    def total(counts) -> "DraftCounts":
+        out = DraftCounts()
+        for c in counts:
+            out.steps += c.steps
+            out.tokens += c.tokens
+            for mine, theirs in ((out.proposed, c.proposed), (out.accepted, c.accepted)):
+                mine.extend([0] * (len(theirs) - len(mine)))
+                for j, x in enumerate(theirs):
+                    mine[j] += x
+        return out
+
+    @property
+    def accept_length(self) -> float | None:
+        """Tokens per verify step, in [1, K+1]; None without verify steps."""
+        return self.tokens / self.steps if self.steps else None
+
+    @property
+    def acceptance_per_position(self) -> list[float]:
+        """P(draft j accepted and taken) for every position j that was drafted."""
+        return [a / p for a, p in zip(self.accepted, self.proposed) if p]
+
+
+@dataclass
 class Completion:
     """One sample of one prompt."""
 
@@ -65,6 +98,8 @@ class Completion:
     # [len(prompt) + len(tokens) - 1, num MoE layers, top-k]: the experts chosen for the token
     # at each input position (every prompt token and every generated token but the last).
     routed_experts: torch.Tensor | None = None
+    # Its drafting statistics; None where the backend cannot count them per request.
+    drafts: DraftCounts | None = None
 
 
 @dataclass
@@ -76,8 +111,10 @@ class Metrics:
     tokens_per_s: float = 0.0
     steps: int = 0  # decode iterations (one verify forward each)
     row_steps: int = 0  # (request, iteration) pairs verified: the weight of the two rates below
-    mean_accept_length: float = 0.0  # tokens emitted per row per verify, in [1, K+1]
-    acceptance_per_position: list[float] = field(default_factory=list)  # P(draft j accepted), j = 0..K-1
+    # Both count only tokens that reach a request (see DraftCounts): tokens a verify step handed
+    # to requests per row, in [1, K+1], and P(draft j accepted and taken), j = 0..K-1.
+    mean_accept_length: float = 0.0
+    acceptance_per_position: list[float] = field(default_factory=list)
     occupancy: float = 0.0  # mean fraction of the engine's slots busy during decode iterations
     depth_steps: dict[int, int] = field(default_factory=dict)  # iterations run at each depth K
     prefill_tokens: int = 0

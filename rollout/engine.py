@@ -25,7 +25,7 @@ import torch
 
 from mimo_train.model.config import ModelConfig
 from mimo_train.rollout import weights as weight_io
-from mimo_train.rollout.api import Completion, Metrics, SamplingParams
+from mimo_train.rollout.api import Completion, DraftCounts, Metrics, SamplingParams
 from mimo_train.rollout.cache import KVCache
 from mimo_train.rollout.decode import SlotState
 from mimo_train.rollout.depth import measure_depth_table
@@ -61,6 +61,7 @@ class _Request:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish: str = ""
+    drafts: DraftCounts = field(default_factory=DraftCounts)
 
 
 class Engine:
@@ -134,7 +135,8 @@ class Engine:
         ids = []
         for i in range(params.n):
             req = _Request(self._next_id, prompt_index, i, prompt, params, request_seed(base, prompt_index, i),
-                           stop, self.version)
+                           stop, self.version, drafts=DraftCounts(proposed=[0] * self.max_depth,
+                                                                  accepted=[0] * self.max_depth))
             self._next_id += 1
             self.waiting.append(req)
             ids.append(req.id)
@@ -218,15 +220,34 @@ class Engine:
             return finished
         K = self.depth_for(n)
         greedy, top_k, top_p = self._sampling_flags(self.slots[:n])
-        bound = _round_up(max(len(r.prompt) + len(r.tokens) for r in self.slots[:n]) + K, 64)
-        n_acc, out, logprobs = self.state.decode(n, K, min(bound, self.cache.max_len), greedy, top_k, top_p)
+        lengths = [len(r.prompt) + len(r.tokens) for r in self.slots[:n]]
+        bound = _round_up(max(lengths) + K, 64)
+        n_acc, out, logprobs = self.state.decode(n, K, min(bound, self.cache.max_len), greedy, top_k, top_p, lengths)
         n_acc, out, logprobs = n_acc.tolist(), out.tolist(), logprobs.tolist()  # the host sync
-        self._stats.update(steps=1, row_steps=n, emitted=sum(n_acc) + n, busy=n, **{f"depth{K}": 1})
-        for j in range(K):
-            self._drafted[j] += n
-            self._accepted[j] += sum(a > j for a in n_acc)
-        done_rows = [r for r in range(n) if self._emit(self.slots[r], out[r][:n_acc[r] + 1], logprobs[r])]
+        self._stats.update(steps=1, row_steps=n, busy=n, **{f"depth{K}": 1})
+        done_rows = []
+        for r in range(n):
+            req = self.slots[r]
+            before = len(req.tokens)
+            if self._emit(req, out[r][:n_acc[r] + 1], logprobs[r]):
+                done_rows.append(r)
+            self._count_drafts(req.drafts, K, n_acc[r], len(req.tokens) - before)
         return finished + self._retire(done_rows)
+
+    def _count_drafts(self, counts: DraftCounts, K: int, n_acc: int, taken: int) -> None:
+        """One row's verify step: K drafts proposed, n_acc accepted, `taken` tokens handed to the
+        request. Drafts accepted past its stop token or length limit never reach it: the
+        statistics count the accepted drafts it took, min(n_acc, taken)."""
+        kept = min(n_acc, taken)
+        counts.steps += 1
+        counts.tokens += taken
+        self._stats["emitted"] += taken
+        for j in range(K):
+            counts.proposed[j] += 1
+            self._drafted[j] += 1
+            if j < kept:
+                counts.accepted[j] += 1
+                self._accepted[j] += 1
 
     @staticmethod
     def _sampling_flags(reqs) -> tuple[bool, bool, bool]:
@@ -278,7 +299,7 @@ class Engine:
             if req.params.return_routed_experts:
                 routed = self.state.routed[r, :len(req.prompt) + len(req.tokens) - 1].to("cpu", torch.long)
             out.append(Completion(req.id, req.prompt_index, req.sample_index, req.prompt, req.tokens, req.logprobs,
-                                  req.finish, req.version, self.version, routed))
+                                  req.finish, req.version, self.version, routed, req.drafts))
             last = self.n - 1
             if r != last:
                 self._move_row(last, r)

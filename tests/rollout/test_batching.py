@@ -99,3 +99,43 @@ def test_depth_table_measured_at_start_up(parity_model, monkeypatch):
     monkeypatch.setattr(depth, "measure_step_seconds", lambda engine, batch, k, steps: 1 + 0.1 * k * batch)
     engine.config.max_batch = 16
     assert depth.measure_depth_table(engine, (1, 4, 16), acceptance=0.7) == {1: 3, 4: 2, 16: 0}
+
+
+def bigram_weights(model) -> dict[str, torch.Tensor]:
+    """The model with every attention and FFN output zeroed: the residual stream is the token's
+    embedding, so the next token is a fixed function of the last one. Each MTP layer keeps only
+    its token input (eh_proj = [I, 0]) and the main model's final norm, so layer k drafts that
+    same function of the token it reads: every draft is right and every verify keeps K + 1."""
+    w, hidden = dict(model.weights), model.cfg.hidden_size
+    for name in w:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            w[name] = torch.zeros_like(w[name])
+    for k in range(model.cfg.num_nextn_predict_layers):
+        layer = f"model.mtp.layers.{k}."
+        w[f"{layer}eh_proj.weight"] = torch.cat([torch.eye(hidden), torch.zeros(hidden, hidden)], 1)
+        w[f"{layer}enorm.weight"] = torch.ones(hidden)
+        w[f"{layer}final_layernorm.weight"] = w["model.norm.weight"]
+    return w
+
+
+@pytest.mark.parametrize("limit", ["stop token", "max_new_tokens"])
+def test_metrics_count_only_tokens_the_request_takes(parity_model, limit):
+    """Every draft is accepted (K = 3: each verify yields 4 tokens), and the request ends at its
+    7th token: the prefill gives token 0, verify 1 tokens 1-4, verify 2 tokens 5-8 of which it
+    takes 5 and 6 (a stop token, or max_new_tokens = 7). Hand-worked: 2 verify steps, 4 + 2 = 6
+    tokens taken from them (accept length 3, not 4); drafts proposed [2, 2, 2], accepted and
+    taken [2, 2, 1] (verify 2's draft 1 is token 6; its draft 2, token 7, was accepted but never
+    reached the request)."""
+    engine = Engine(parity_model.cfg, bigram_weights(parity_model), EngineConfig(device="cpu", max_batch=2, max_len=64))
+    prompt = random_prompts(parity_model.cfg, [5], seed=3)[0]
+    (free,), free_metrics = engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=13), depth=3)
+    assert free_metrics.mean_accept_length == 4.0 and free_metrics.acceptance_per_position == [1.0, 1.0, 1.0]
+    assert len(set(free.tokens[:7])) == 7  # token 6 appears first at index 6: a stop token there ends it there
+    params = (SamplingParams(temperature=0.0, max_new_tokens=40, stop_token_ids=(free.tokens[6],))
+              if limit == "stop token" else SamplingParams(temperature=0.0, max_new_tokens=7))
+    (c,), metrics = engine.generate([prompt], params, depth=3)
+    assert c.tokens == free.tokens[:7] and c.finish_reason == ("stop" if limit == "stop token" else "length")
+    assert (c.drafts.steps, c.drafts.tokens, c.drafts.proposed, c.drafts.accepted) == (2, 6, [2, 2, 2], [2, 2, 1])
+    assert c.drafts.accept_length == 3.0 and c.drafts.acceptance_per_position == [1.0, 1.0, 0.5]
+    assert metrics.steps == metrics.row_steps == 2 and metrics.tokens == 7
+    assert metrics.mean_accept_length == 3.0 and metrics.acceptance_per_position == [1.0, 1.0, 0.5]
