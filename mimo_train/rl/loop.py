@@ -151,6 +151,7 @@ class Rollout:
                         "reward/mean": sum(rewards) / len(rewards)})
         for j, a in enumerate(stats.acceptance_per_position):
             metrics[f"rollout/acceptance_{j}"] = a
+        metrics.update(draft_metrics([rows[c.prompt_index][0] for c in completions], [c.drafts for c in completions]))
         for domain in sorted({s.domain for s in samples}):
             mine = [s.reward for s in samples if s.domain == domain]
             metrics[f"reward/{domain}"] = sum(mine) / len(mine)
@@ -158,6 +159,28 @@ class Rollout:
 
     def _score(self, samples: list[rl_batch.Sample]) -> dict:
         return score_samples(samples, self.teachers, self.reference, self.rl.temperature)
+
+
+def draft_metrics(domains: list[str], counts: list) -> dict:
+    """rollout/accept_length/<domain> and rollout/acceptance_<j>/<domain> from the samples'
+    per-request draft counts (`rollout.api.DraftCounts`: only tokens that reached the sample),
+    pooled over each domain's verify steps. Samples without counts (the vLLM backend reports
+    drafting only server-wide) give no per-domain figure, rather than a made-up one."""
+    from mimo_train.rollout.api import DraftCounts
+
+    by_domain: dict[str, list] = {}
+    for domain, c in zip(domains, counts):
+        if c is not None:
+            by_domain.setdefault(domain, []).append(c)
+    metrics = {}
+    for domain, mine in sorted(by_domain.items()):
+        total = DraftCounts.total(mine)
+        if total.steps:
+            metrics[f"rollout/accept_length/{domain}"] = total.accept_length
+        for j, (accepted, proposed) in enumerate(zip(total.accepted, total.proposed)):
+            if proposed:
+                metrics[f"rollout/acceptance_{j}/{domain}"] = accepted / proposed
+    return metrics
 
 
 def score_samples(samples: list[rl_batch.Sample], teachers: dict, reference, temperature: float) -> dict:

@@ -149,6 +149,14 @@ class VLLMRollout:
             futures = [pool.submit(self._complete, client, prompt, p, seed) for _, _, client, prompt, p, seed in jobs]
             results = [f.result() for f in futures]
         seconds = time.perf_counter() - t0
+        # Drafting is measured from the servers' Prometheus counters (`spec_counters`): a delta
+        # over the whole call, for every request at once, so each Completion's `drafts` is None
+        # and the RL loop reports acceptance per domain only for the native engine. (vLLM 0.32
+        # can return per-request counts in the response body, under metrics.speculative_decoding,
+        # when the server runs with --per-request-spec-decode-metrics; our client does not ask
+        # for them yet.) Those counters also count drafts accepted past a stop token (vLLM's
+        # scheduler counts the accepted drafts before it trims the output at the stop, in
+        # v1/core/sched/scheduler.py), which the native engine's metrics leave out.
         completions = []
         for (i, j, _, prompt, p, _), sample in zip(jobs, results):
             completions.append(Completion(next(self._ids), i, j, prompt, sample.tokens, sample.logprobs,

@@ -1,0 +1,58 @@
+"""The RL loop's drafting metrics per domain: accept length and per-position acceptance pooled
+over each domain's verify steps, from the samples' own draft counts (tokens that reached them)."""
+
+import pytest
+import torch
+
+from mimo_train.rl.loop import draft_metrics
+from mimo_train.rollout import Engine, EngineConfig, SamplingParams
+from mimo_train.rollout.api import DraftCounts
+from tests.rollout.rollout_utils import make_model, random_prompts
+
+
+def test_per_domain_figures_pool_each_domains_verify_steps():
+    """Hand-worked. math: a sample of 3 verify steps that took 7 tokens, 3 drafts proposed
+    at each position and [2, 1, 1] accepted, and one of 1 step, 1 token, none accepted:
+    (7 + 1) / (3 + 1) = 2.0 tokens per step, acceptance [2/4, 1/4, 1/4]. code: drafted at
+    depth 1 only, 2 steps and 3 tokens: 1.5, and no position-1 or -2 figure (nothing drafted
+    there, so no rate to report). A sample without counts (a vLLM one) adds nothing."""
+    counts = {"math": [DraftCounts(3, 7, [3, 3, 3], [2, 1, 1]), DraftCounts(1, 1, [1, 1, 1], [0, 0, 0])],
+              "code": [DraftCounts(2, 3, [2, 0, 0], [1, 0, 0]), None]}
+    domains = [d for d, cs in counts.items() for _ in cs]
+    got = draft_metrics(domains, [c for cs in counts.values() for c in cs])
+    assert got == {"rollout/accept_length/code": 1.5, "rollout/acceptance_0/code": 0.5,
+                   "rollout/accept_length/math": 2.0, "rollout/acceptance_0/math": 0.5,
+                   "rollout/acceptance_1/math": 0.25, "rollout/acceptance_2/math": 0.25}
+    assert draft_metrics(["math", "code"], [None, None]) == {}  # vLLM: no per-request counts, no figures
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = make_model(tmp_path_factory.mktemp("drafting"), seed=2, repeat_drafts=True)
+    yield model, Engine(model.cfg, model.weights, EngineConfig(device="cpu", max_batch=4, max_len=96))
+    torch.set_num_threads(threads)
+
+
+def test_the_domains_together_give_the_engines_own_figures(engine):
+    """The per-request counts and the engine's call metrics are kept apart; pooled over every
+    sample (one domain) they must agree, and split by domain each domain sees only its samples.
+    Samples end at stop tokens and length limits, at K = 3."""
+    model, eng = engine
+    prompts = random_prompts(model.cfg, [5, 9, 6, 12], seed=4)
+    params = [SamplingParams(temperature=0.0, max_new_tokens=n, stop_token_ids=stop)
+              for n, stop in ((30, (72,)), (30, (26,)), (17, ()), (9, ()))]
+    completions, metrics = eng.generate(prompts, params, depth=3)
+    assert [c.finish_reason for c in completions] == ["stop", "stop", "length", "length"]
+    counts = [c.drafts for c in completions]
+    pooled = draft_metrics(["all"] * len(completions), counts)
+    assert pooled["rollout/accept_length/all"] == pytest.approx(metrics.mean_accept_length)
+    assert [pooled[f"rollout/acceptance_{j}/all"] for j in range(3)] == pytest.approx(metrics.acceptance_per_position)
+    assert 1.0 < metrics.mean_accept_length < 4.0  # drafts were kept and rejected
+
+    split = draft_metrics(["a", "b", "a", "b"], counts)
+    for domain, rows in (("a", [0, 2]), ("b", [1, 3])):
+        mine = DraftCounts.total(counts[i] for i in rows)
+        assert split[f"rollout/accept_length/{domain}"] == mine.tokens / mine.steps
+        assert sum(len(completions[i].tokens) - 1 for i in rows) == mine.tokens  # all but the prefill's token
