@@ -1,6 +1,9 @@
 """mimo-train: MiMo-V2-Flash-style models under Megatron parallelism."""
 
+from mimo_train.model import megatron_jit
 from mimo_train.model.config import ModelConfig
+
+megatron_jit.install()  # before anything imports megatron-core (see the module)
 
 
 def load_hf(path, **kwargs):

@@ -22,6 +22,24 @@ def test_applies_only_without_cuda():
     assert "untouched" in out.stdout
 
 
+def _python(code: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_megatron_compiled_helpers_are_eager_only_without_cuda():
+    """Without CUDA, megatron's `jit_fuser` helpers (the router's expert-bias bookkeeping runs
+    every MoE step) are plain functions and Dynamo is not even imported; with CUDA they stay
+    `torch.compile`d (mimo_train/model/megatron_jit.py)."""
+    probe = ("import sys, mimo_train; from megatron.core.transformer.moe.router import TopKRouter; "
+             "from mimo_train.model import megatron_jit; "
+             "print(megatron_jit.eager(), hasattr(TopKRouter._apply_expert_bias, '_torchdynamo_orig_callable'), "
+             "'torch._dynamo' in sys.modules)")
+    assert _python(probe).split() == ["True", "False", "False"]
+    assert _python("import torch; torch.cuda.is_available = lambda: True; " + probe).split() == ["False", "True", "True"]
+
+
 def test_tensor_placement_goes_to_cpu(megatron_single):
     assert compat.apply() or compat._APPLIED
     assert torch.empty(2, device=torch.cuda.current_device()).device.type == "cpu"
