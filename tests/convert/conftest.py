@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from mimo_train.model.config import ModelConfig
+from tests.shared_build import build_once
 from tests.training.runs import ROOT, tool, train
 
 MODEL_OVERRIDES = {"num_key_value_heads": 2, "swa_num_key_value_heads": 4}
@@ -27,22 +28,24 @@ def run_config() -> ModelConfig:
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("convert_data")
-    tool("make_data").make(out, kind="pretrain", n=40, n_eval=2, seed=0)
-    return out
+    return build_once(tmp_path_factory, "convert_data",
+                      lambda d: tool("make_data").make(d, kind="pretrain", n=40, n_eval=2, seed=0))
 
 
 @pytest.fixture(scope="session")
 def trained(data_dir, tmp_path_factory) -> Path:
-    """The checkpoint dir (with `latest`) of one optimizer step under TP=2 x PP=2."""
-    run_dir = tmp_path_factory.mktemp("convert_run")
+    """The checkpoint dir (with `latest`) of one optimizer step under TP=2 x PP=2 (built once per
+    pytest run, shared by the xdist workers: read-only)."""
+    return build_once(tmp_path_factory, "convert_run", lambda d: _train_tp2_pp2(data_dir, d)) / "checkpoints"
+
+
+def _train_tp2_pp2(data_dir: Path, run_dir: Path) -> None:
     args = ["recipe=pretrain", "model=tiny", *[f"model.{k}={v}" for k, v in MODEL_OVERRIDES.items()],
             "parallel.tp=2", "parallel.pp=2", "train.steps=1", "optim.warmup_steps=0", "train.global_batch=4",
             "train.micro_batch=2", "data.seq_len=32", f"data.path={data_dir}/train.jsonl",
             f"data.tokenizer={data_dir}/tokenizer", f"logging.run_dir={run_dir}", "logging.progress=false",
             "logging.plot=false"]
     train(args, nproc=4)
-    return run_dir / "checkpoints"
 
 
 @pytest.fixture(scope="session")

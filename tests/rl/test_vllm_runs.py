@@ -12,7 +12,7 @@ import pytest
 
 from tests.rl.rl_runs import vllm_args
 from tests.rollout.vllm_utils import group_members, server_groups, vllm, vllm_processes
-from tests.training.runs import launch, metrics, train
+from tests.training.runs import launch, metrics, train, train_here
 
 pytestmark = vllm
 
@@ -39,16 +39,21 @@ def assert_on_policy(rows: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def mopd_one_process(rl_data, student32, teacher32, vllm_server, tmp_path_factory):
+def mopd_one_process(rl_data, student32, teacher32, vllm_server, tmp_path_factory, megatron_single):
     run_dir = tmp_path_factory.mktemp("mopd_vllm")
-    train(vllm_args("mopd", rl_data, run_dir, student32, teacher=teacher32, url=vllm_server))
+    train_here(vllm_args("mopd", rl_data, run_dir, student32, teacher=teacher32, url=vllm_server))
     return run_dir
 
 
+GRPO_STEPS = ["checkpoint.every=1", "checkpoint.keep_last=10"]  # the kill -9 test's run stops at a checkpoint
+
+
 @pytest.fixture(scope="module")
-def grpo_one_process(rl_data, student32, vllm_server, tmp_path_factory):
+def grpo_one_process(rl_data, student32, vllm_server, tmp_path_factory, megatron_single):
+    """5 steps: its first 2 are the world-size-2 runs' reference, all 5 the resumed run's (the
+    learning rate is constant: a step does not depend on the run's length)."""
     run_dir = tmp_path_factory.mktemp("grpo_vllm")
-    train(vllm_args("grpo", rl_data, run_dir, student32, url=vllm_server))
+    train_here(vllm_args("grpo", rl_data, run_dir, student32, *GRPO_STEPS, url=vllm_server, steps=5))
     return run_dir
 
 
@@ -89,10 +94,8 @@ def no_process_left(groups: set[int], marker: str, timeout_s: float = 30) -> Non
 
 
 def test_grpo_kill_9_stops_its_servers_and_resume_equals_an_uninterrupted_run(rl_data, student32, vllm_server,
-                                                                              tmp_path):
-    steps = ["checkpoint.every=1", "checkpoint.keep_last=10"]
-    reference = tmp_path / "reference"
-    train(vllm_args("grpo", rl_data, reference, student32, *steps, url=vllm_server, steps=5))
+                                                                              grpo_one_process, tmp_path):
+    steps, reference = GRPO_STEPS, grpo_one_process
     killed = tmp_path / "killed"
     proc = launch(vllm_args("grpo", rl_data, killed, student32, *steps, steps=5), wait=False)  # its own server
     latest = killed / "checkpoints" / "latest"

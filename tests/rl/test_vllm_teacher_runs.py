@@ -11,15 +11,16 @@ import pytest
 from tests.rl.rl_runs import mopd_args, teachers_override
 from tests.rl.test_vllm_runs import no_process_left, wait_for
 from tests.rollout.vllm_utils import server_groups, vllm
-from tests.training.runs import launch, metrics, train
+from tests.training.runs import launch, metrics, train, train_here
 
 pytestmark = vllm
 VLLM_TEACHERS = "rollout.vllm.kv_cache_gb=0.125"  # the servers' settings come from rollout.vllm
 
 
-def test_two_step_mopd_with_vllm_teachers_equals_in_process_teachers(rl_data, student_init, teacher32, tmp_path):
+def test_two_step_mopd_with_vllm_teachers_equals_in_process_teachers(rl_data, student_init, teacher32, tmp_path,
+                                                                     megatron_single):
     reference, served = tmp_path / "in_process", tmp_path / "vllm"
-    train(mopd_args(rl_data, reference, student_init, teacher32))
+    train_here(mopd_args(rl_data, reference, student_init, teacher32))
     out = train(mopd_args(rl_data, served, student_init, teacher32, teachers_override(teacher32, vllm=True),
                           VLLM_TEACHERS))
     assert len(list((served / "vllm").glob("teacher_*/server.log"))) == 1  # three domains, one checkpoint: one server
