@@ -18,9 +18,14 @@ durable (fsync of the directory). A crash at any moment leaves the previous chec
   meets another run's `latest`.)
 - `latest` does not name it: it was never committed (a crash between the rename and `latest`,
   or a dir whose `latest` was removed); it is replaced, and `latest` advanced, without a moment
-  where `latest` names no complete checkpoint. Model and optimizer tensors are stored by their global (layout-free) keys, so a
-checkpoint resumes under a different TP/PP/EP/DP layout; RNG states are per rank and are
-restored only under the same layout (the data position is global either way).
+  where `latest` names no complete checkpoint.
+
+Model and optimizer tensors are stored by their global (layout-free) keys, so a checkpoint
+resumes under a different TP/PP/DP layout; RNG states are per rank and are restored only under
+the same layout (the data position is global either way). Between EP=1 and EP>1 only the
+weights carry over (`checkpoint.load`): megatron-core gives the expert parameters an optimizer
+of their own only under expert parallelism, and a resume across that line is refused
+(training/loop.py).
 """
 
 from __future__ import annotations

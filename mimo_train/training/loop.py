@@ -77,6 +77,15 @@ def resume(trainer: Trainer, loader: DataLoader, config: RunConfig, layout: Layo
         raise checkpoint.CheckpointError(
             f"checkpoint {path} was saved for a different model config ({'; '.join(diff)}); "
             "use the model config it was trained with, or a different checkpoint.dir")
+    saved_ep, ep = (state.get("layout") or {}).get("ep", 1), layout.ep
+    if full and (saved_ep > 1) != (ep > 1):
+        # megatron-core builds a separate optimizer for the expert parameters only under expert
+        # parallelism (a ChainedOptimizer): its state does not map onto one optimizer's, or back.
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path} was saved with parallel.ep={saved_ep} and this run has parallel.ep={ep}: "
+            "optimizer state does not carry between EP=1 and EP>1 (megatron keeps the experts' optimizer "
+            f"apart only under expert parallelism); resume with parallel.ep{'>1' if saved_ep > 1 else '=1'}, "
+            "or start a new run from its weights with checkpoint.load")
     same_layout = state.get("layout") == dataclasses.asdict(layout)
     checkpoint.load(path, trainer.model, trainer.optimizer, load_optimizer=full, load_rng=full and same_layout)
     if full:

@@ -57,8 +57,8 @@ def vllm_greedy(client: VLLMClient):
     params = SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, ignore_eos=True)
     before = [client.spec_counters()]
     tokens = [client.complete(p, params, seed=None).tokens for p in PROMPTS]
-    _, accept, per_position = spec_delta(before, [client.spec_counters()])
-    return tokens, accept, per_position
+    drafts, accept, per_position = spec_delta(before, [client.spec_counters()])
+    return tokens, accept, per_position, drafts
 
 
 def our_greedy(cfg, model, k: int):
@@ -96,12 +96,17 @@ def test_drafts_are_our_engines_at_every_position(servers):
     model = partial_drafter(cfg, seed=0, scales={0: 0.0005, 1: 0.003, 2: 0.006})
     push(clients, model, version=1)
     ours_tokens, ours_accept, ours_per_position = our_greedy(cfg, model, 3)
-    tokens, accept, per_position = vllm_greedy(clients["ours3"][0])
-    stock_tokens, stock_accept, stock_per_position = vllm_greedy(clients["stock3"][0])
+    tokens, accept, per_position, drafts = vllm_greedy(clients["ours3"][0])
+    stock_tokens, stock_accept, stock_per_position, _ = vllm_greedy(clients["stock3"][0])
     assert tokens == ours_tokens == stock_tokens  # lossless, whoever drafts
     assert 0.1 < ours_per_position[2] < 0.9  # every position is sometimes accepted, sometimes not
-    assert abs(accept - ours_accept) <= 0.05, (accept, ours_accept)
-    assert max(abs(a - b) for a, b in zip(per_position, ours_per_position)) <= 0.03, (per_position, ours_per_position)
+    # Our engine counts only drafts whose tokens reach the request; vLLM's counters also count
+    # those accepted in a request's last step past its length limit: at most one per position
+    # and request, so vLLM's figures may exceed ours by up to that much, never fall below.
+    past_limit = len(PROMPTS) / drafts
+    assert -0.05 <= accept - ours_accept <= 0.05 + 3 * past_limit, (accept, ours_accept, drafts)
+    for a, b in zip(per_position, ours_per_position):
+        assert -0.03 <= a - b <= 0.03 + past_limit, (per_position, ours_per_position, drafts)
     # The control: vLLM's own drafter (the least noisy layer 0, three times) drafts something else.
     assert stock_per_position[2] > ours_per_position[2] + 0.3, (stock_per_position, ours_per_position)
 

@@ -1,9 +1,11 @@
 """Every parallel layout trains like one process: the same losses (per depth) for the first 3
 steps, fp32, relative difference <= 1e-5, on the tiny MoE + MTP model under torchrun/gloo."""
 
+import shutil
+
 import pytest
 
-from tests.training.runs import LOSSES, metrics, tiny_args, train
+from tests.training.runs import LOSSES, launch, metrics, tiny_args, train
 
 # Every dimension at least once, each launch a different code path: TP and EP (MoE under TP
 # switches sequence parallel on) are parts of tp2_ep2_dp2; 1F1B without and with interleaving;
@@ -51,3 +53,15 @@ def test_resume_under_another_data_parallel_size(layout_runs, reference_run, syn
     for step in (4, 5, 6):
         for key in LOSSES:
             assert close(ours[step][key], ref[step][key]), (step, key, ours[step][key], ref[step][key])
+
+
+def test_resume_between_ep2_and_one_process_is_refused_in_one_line(layout_runs, synthetic_data, initial_weights,
+                                                                   tmp_path):
+    """megatron gives the experts' optimizer state a shape of its own under EP>1: a resume into
+    EP=1 cannot load it, and says so (and what to do) instead of a KeyError traceback."""
+    run = shutil.copytree(layout_runs["tp2_ep2_dp2"], tmp_path / "run")
+    code, out = launch(tiny_args(synthetic_data, run, init=initial_weights))
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, out[-3000:]
+    assert "parallel.ep=2" in errors[0] and "parallel.ep=1" in errors[0] and "checkpoint.load" in errors[0]
+    assert "Traceback" not in out
