@@ -6,7 +6,7 @@ import json
 import pytest
 
 from mimo_train.run import main
-from tests.training.runs import tiny_args, train
+from tests.training.runs import tiny_args, train_here
 
 
 def error_of(capsys, argv) -> str:
@@ -55,7 +55,7 @@ def test_malformed_rows_skipped_with_a_count_or_refused(capsys, synthetic_data, 
 
 
 def test_checkpoint_of_a_different_model_is_refused(capsys, synthetic_data, tmp_path, megatron_single):
-    train(tiny_args(synthetic_data, tmp_path, "train.steps=2", "train.stop_at=1"))
+    train_here(tiny_args(synthetic_data, tmp_path, "train.steps=2", "train.stop_at=1"))
     err = error_of(capsys, tiny_args(synthetic_data, tmp_path, "train.steps=2", "model.hidden_size=32"))
     assert "different model config" in err and "hidden_size" in err
     assert (tmp_path / "checkpoints" / "latest").read_text() == "iter_0000001"
@@ -75,7 +75,7 @@ def test_traceback_on_request(capsys, monkeypatch, synthetic_data, tmp_path):
 def test_a_fresh_run_refuses_a_checkpoint_dir_holding_another_run(capsys, synthetic_data, tmp_path, megatron_single):
     """checkpoint.resume=false into a dir with a `latest`: that run's committed steps would count
     as saved by this one."""
-    train(tiny_args(synthetic_data, tmp_path, "train.steps=2", "train.stop_at=1"))
+    train_here(tiny_args(synthetic_data, tmp_path, "train.steps=2", "train.stop_at=1"))
     err = error_of(capsys, tiny_args(synthetic_data, tmp_path, "train.steps=2", "checkpoint.resume=false"))
     assert "holds another run (latest: iter_0000001)" in err and "checkpoint.dir" in err
     assert (tmp_path / "checkpoints" / "latest").read_text() == "iter_0000001"
