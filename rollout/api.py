@@ -59,6 +59,25 @@ class DraftCounts:
     proposed: list[int] = field(default_factory=list)  # [j]: drafts at position j proposed to it
     accepted: list[int] = field(default_factory=list)  # [j]: of those, accepted and taken
 
+    @classmethod
+    def zeros(cls, depth: int) -> "DraftCounts":
+        return cls(proposed=[0] * depth, accepted=[0] * depth)
+
+    def add_step(self, K: int, kept: int, taken: int) -> None:
+        """One verify step: K drafts proposed, the first `kept` accepted and taken, `taken`
+        tokens handed over (kept + the corrected or bonus token, fewer at a stop)."""
+        self.steps += 1
+        self.tokens += taken
+        for j in range(K):
+            self.proposed[j] += 1
+            self.accepted[j] += j < kept
+
+    def minus(self, earlier: "DraftCounts") -> "DraftCounts":
+        """What was counted since `earlier` (a copy of this accumulator taken before)."""
+        return DraftCounts(self.steps - earlier.steps, self.tokens - earlier.tokens,
+                           [a - b for a, b in zip(self.proposed, earlier.proposed)],
+                           [a - b for a, b in zip(self.accepted, earlier.accepted)])
+
     @staticmethod
     def total(counts) -> "DraftCounts":
         out = DraftCounts()

@@ -93,8 +93,7 @@ class Engine:
         self.unclaimed: list[Completion] = []  # finished requests not collected by a generate() call
         self._next_id, self._rng = 0, random.Random(c.seed)
         self._stats = collections.Counter()
-        self._accepted = [0] * Km
-        self._drafted = [0] * Km
+        self._drafts = DraftCounts.zeros(Km)  # every request's, pooled (Metrics)
         self.fixed_depth: int | None = None  # set: every step drafts this many tokens, whatever the table says
         if c.measure_depth_table:
             self.depth_table = measure_depth_table(self, acceptance=c.expected_acceptance)
@@ -135,8 +134,7 @@ class Engine:
         ids = []
         for i in range(params.n):
             req = _Request(self._next_id, prompt_index, i, prompt, params, request_seed(base, prompt_index, i),
-                           stop, self.version, drafts=DraftCounts(proposed=[0] * self.max_depth,
-                                                                  accepted=[0] * self.max_depth))
+                           stop, self.version, drafts=DraftCounts.zeros(self.max_depth))
             self._next_id += 1
             self.waiting.append(req)
             ids.append(req.id)
@@ -224,30 +222,19 @@ class Engine:
         bound = _round_up(max(lengths) + K, 64)
         n_acc, out, logprobs = self.state.decode(n, K, min(bound, self.cache.max_len), greedy, top_k, top_p, lengths)
         n_acc, out, logprobs = n_acc.tolist(), out.tolist(), logprobs.tolist()  # the host sync
-        self._stats.update(steps=1, row_steps=n, busy=n, **{f"depth{K}": 1})
+        self._stats.update(steps=1, busy=n, **{f"depth{K}": 1})
         done_rows = []
         for r in range(n):
             req = self.slots[r]
             before = len(req.tokens)
             if self._emit(req, out[r][:n_acc[r] + 1], logprobs[r]):
                 done_rows.append(r)
-            self._count_drafts(req.drafts, K, n_acc[r], len(req.tokens) - before)
+            # Drafts accepted past the request's stop token or length limit never reach it: the
+            # statistics count the accepted drafts it took, min(n_acc, taken).
+            taken = len(req.tokens) - before
+            for counts in (req.drafts, self._drafts):
+                counts.add_step(K, min(n_acc[r], taken), taken)
         return finished + self._retire(done_rows)
-
-    def _count_drafts(self, counts: DraftCounts, K: int, n_acc: int, taken: int) -> None:
-        """One row's verify step: K drafts proposed, n_acc accepted, `taken` tokens handed to the
-        request. Drafts accepted past its stop token or length limit never reach it: the
-        statistics count the accepted drafts it took, min(n_acc, taken)."""
-        kept = min(n_acc, taken)
-        counts.steps += 1
-        counts.tokens += taken
-        self._stats["emitted"] += taken
-        for j in range(K):
-            counts.proposed[j] += 1
-            self._drafted[j] += 1
-            if j < kept:
-                counts.accepted[j] += 1
-                self._accepted[j] += 1
 
     @staticmethod
     def _sampling_flags(reqs) -> tuple[bool, bool, bool]:
@@ -313,20 +300,17 @@ class Engine:
 
     # ---- metrics -----------------------------------------------------------------------------
     def _snapshot(self):
-        return collections.Counter(self._stats), list(self._accepted), list(self._drafted)
+        return collections.Counter(self._stats), DraftCounts.total([self._drafts])  # copies
 
     def _metrics(self, before, seconds: float) -> Metrics:
-        stats, acc0, drf0 = before
+        stats, drafts0 = before
         d = collections.Counter(self._stats)
         d.subtract(stats)
-        acc = [a - b for a, b in zip(self._accepted, acc0)]
-        drf = [a - b for a, b in zip(self._drafted, drf0)]
-        k = max((j + 1 for j in range(len(drf)) if drf[j]), default=0)
+        drafts = self._drafts.minus(drafts0)
         return Metrics(
             tokens=d["tokens"], seconds=seconds, tokens_per_s=d["tokens"] / seconds if seconds > 0 else 0.0,
-            steps=d["steps"], row_steps=d["row_steps"],
-            mean_accept_length=d["emitted"] / d["row_steps"] if d["row_steps"] else 0.0,
-            acceptance_per_position=[acc[j] / drf[j] for j in range(k)],
+            steps=d["steps"], row_steps=drafts.steps, mean_accept_length=drafts.accept_length or 0.0,
+            acceptance_per_position=drafts.acceptance_per_position,
             occupancy=d["busy"] / (d["steps"] * self.config.max_batch) if d["steps"] else 0.0,
             depth_steps={int(name[5:]): v for name, v in d.items() if name.startswith("depth") and v},
             prefill_tokens=d["prefill_tokens"])

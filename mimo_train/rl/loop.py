@@ -177,9 +177,8 @@ def draft_metrics(domains: list[str], counts: list) -> dict:
         total = DraftCounts.total(mine)
         if total.steps:
             metrics[f"rollout/accept_length/{domain}"] = total.accept_length
-        for j, (accepted, proposed) in enumerate(zip(total.accepted, total.proposed)):
-            if proposed:
-                metrics[f"rollout/acceptance_{j}/{domain}"] = accepted / proposed
+        for j, a in enumerate(total.acceptance_per_position):
+            metrics[f"rollout/acceptance_{j}/{domain}"] = a
     return metrics
 
 

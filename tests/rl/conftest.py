@@ -1,9 +1,8 @@
 import pytest
 
-from mimo_train.run import main
 from tests.rl.rl_runs import DOMAINS, init_args
 from tests.shared_build import build_once
-from tests.training.runs import make_data, train
+from tests.training.runs import make_data, train, train_here
 
 # The session fixtures are built once per pytest run and shared by the xdist workers
 # (tests/shared_build.py): read-only.
@@ -11,10 +10,7 @@ from tests.training.runs import make_data, train
 
 def _init(tmp_path_factory, name: str, data, seed: int, **kwargs):
     """Initial weights saved without training, in this process (no start-up cost)."""
-    def build(run_dir):
-        assert main(init_args(data, run_dir, seed=seed, **kwargs)) == 0
-
-    return build_once(tmp_path_factory, name, build) / "checkpoints"
+    return build_once(tmp_path_factory, name, lambda d: train_here(init_args(data, d, seed=seed, **kwargs))) / "checkpoints"
 
 
 @pytest.fixture(scope="session")

@@ -41,6 +41,6 @@ def test_rings_stay_put_and_hold_exactly_the_window(engine, parity_model):
                 assert max(kept) <= last  # nothing beyond the accepted tokens
                 assert set(range(max(0, first_query - window), first_query)) <= kept
     engine.fixed_depth = None
-    assert sum(engine._drafted) > sum(engine._accepted) > 0  # drafts were kept and rejected
+    assert sum(engine._drafts.proposed) > sum(engine._drafts.accepted) > 0  # drafts were kept and rejected
     assert [t.data_ptr() for t in cache.tensors()] == tensors
     assert cache.ring < 20 < 120  # the sequences outgrew the rings many times over
