@@ -1,11 +1,16 @@
-"""How deep to draft at each batch size, measured on this machine.
+"""How deep to draft: measured step costs weighed with the drafts' running acceptance.
 
 Deeper drafting pays while a step is bound by reading weights (small batches): verifying K+1
 positions costs little more than one. As the batch grows the step becomes compute-bound and
-rejected drafts are wasted work, so the best K falls. The table below is found by timing one
-decode step for every (batch size, K) with synthetic requests, and weighing it with the tokens a
-step yields, 1 + a + ... + a^K for a per-draft acceptance rate a (the model's, e.g. from the
-metrics of an earlier call; the MiMo report sees 2.8-3.6 tokens per step at K = 3).
+rejected drafts are wasted work, so the best K falls; it also falls when the policy's drafts are
+rejected more (a harder domain, a policy that moved away from its MTP layers). `AutoDepth` picks
+each step's K as the one with the most expected tokens per second:
+
+    tokens(K) = 1 + a_0 + ... + a_{K-1},   K* = argmax_K tokens(K) / seconds(batch, K)
+
+where a_j = P(draft j accepted and taken) (it already includes drafts 0..j-1 being accepted:
+the same quantity as `DraftCounts.acceptance_per_position`) and seconds(batch, K) is one decode
+step timed on this engine at start-up (`measure_step_costs`).
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ import torch
 from mimo_train.rollout.api import SamplingParams
 
 
-def expected_tokens(depth: int, acceptance: float) -> float:
-    """Tokens per verify step when each draft is accepted with probability `acceptance`."""
-    return sum(acceptance ** j for j in range(depth + 1))
+def expected_tokens(acceptance: list[float], depth: int) -> float:
+    """Tokens a verify step hands a request at depth K: its own token plus every accepted draft."""
+    return 1 + sum(acceptance[:depth])
 
 
 def measure_step_seconds(engine, batch: int, depth: int, steps: int = 10, prompt_len: int = 16) -> float:
@@ -27,7 +32,7 @@ def measure_step_seconds(engine, batch: int, depth: int, steps: int = 10, prompt
     not a median: below the deepest K the MTP layers catch up every few steps (every 5 at K = 0
     with 3 MTP layers, rollout/decode.py), and that cost is part of the step's."""
     if engine.n or engine.waiting:
-        raise RuntimeError("measure the depth table on an idle engine")
+        raise RuntimeError("measure step costs on an idle engine")
     gen = torch.Generator().manual_seed(batch)
     prompts = torch.randint(0, engine.cfg.vocab_size, (batch, prompt_len), generator=gen).tolist()
     saved = engine.fixed_depth
@@ -47,12 +52,70 @@ def measure_step_seconds(engine, batch: int, depth: int, steps: int = 10, prompt
     return seconds
 
 
-def measure_depth_table(engine, batch_sizes=(1, 2, 4, 8, 16), acceptance: float = 0.7,
-                        steps: int = 10) -> dict[int, int]:
-    """{batch size: the K with the most expected tokens per second} for this engine."""
-    table = {}
-    for batch in sorted(b for b in batch_sizes if b <= engine.config.max_batch):
-        rate = {k: expected_tokens(k, acceptance) / measure_step_seconds(engine, batch, k, steps)
-                for k in range(engine.max_depth + 1)}
-        table[batch] = max(rate, key=rate.get)
-    return table
+def measure_step_costs(engine, steps: int = 10) -> dict[int, list[float]]:
+    """{batch: [seconds of one decode step at K = 0..max_depth]} for batches 1, 2, 4, ... and
+    the engine's max_batch. Each K is timed twice, in the order 0..Kmax and then Kmax..0, and
+    the two means averaged: a machine that slows down or speeds up meanwhile favours no depth."""
+    batches = sorted({min(1 << i, engine.config.max_batch) for i in range(engine.config.max_batch.bit_length() + 1)})
+    depths = list(range(engine.max_depth + 1))
+    costs = {}
+    for batch in batches:
+        total = [0.0] * len(depths)
+        for order in (depths, depths[::-1]):
+            for k in order:
+                total[k] += measure_step_seconds(engine, batch, k, max(1, steps // 2)) / 2
+        costs[batch] = total
+    return costs
+
+
+class AutoDepth:
+    """Chooses K for every decode step from step costs (`seconds`: {batch: [s at K=0..Kmax]},
+    the smallest measured batch >= the active one applies) and the acceptance of the drafts
+    verified lately.
+
+    Acceptance per position is a decayed count: each observed step multiplies that position's
+    counts by `1 - 1/memory` before adding its rows, so the estimate follows a policy that
+    changes under RL within about `memory` steps. Until a position has been drafted it is
+    `prior ** (j + 1)` (a per-draft acceptance `prior`), held with the weight of `prior_rows`
+    drafts. Every `explore_every`-th choice drafts at the deepest K when a shallower one won,
+    so the positions a shallow K never proposes are measured again."""
+
+    def __init__(self, seconds: dict[int, list[float]], prior: float = 0.7, memory: int = 64,
+                 explore_every: int = 16, prior_rows: float = 1.0):
+        if not seconds or len({len(s) for s in seconds.values()}) != 1:
+            raise ValueError("AutoDepth needs step costs at K = 0..Kmax for at least one batch size")
+        if not 0 <= prior <= 1 or memory < 1 or explore_every < 0:
+            raise ValueError(f"AutoDepth: need 0 <= prior <= 1, memory >= 1, explore_every >= 0; got "
+                             f"{prior}, {memory}, {explore_every}")
+        self.seconds = dict(sorted(seconds.items()))
+        self.max_depth = len(next(iter(seconds.values()))) - 1
+        self.prior = [prior ** (j + 1) for j in range(self.max_depth)]
+        self.prior_rows, self.keep, self.explore_every = prior_rows, 1 - 1 / memory, explore_every
+        self.proposed = [0.0] * self.max_depth
+        self.accepted = [0.0] * self.max_depth
+        self.choices = 0
+
+    def acceptance(self) -> list[float]:
+        """The running estimate of P(draft j accepted and taken), j = 0..Kmax-1."""
+        w = self.prior_rows
+        return [(a + w * p) / (n + w) for a, n, p in zip(self.accepted, self.proposed, self.prior)]
+
+    def best(self, batch: int) -> int:
+        """The K with the most expected tokens per second at this batch (the shallower on a tie)."""
+        costs = next((s for b, s in self.seconds.items() if b >= batch), self.seconds[max(self.seconds)])
+        acc = self.acceptance()
+        rate = [expected_tokens(acc, k) / costs[k] for k in range(self.max_depth + 1)]
+        return max(range(self.max_depth + 1), key=lambda k: (rate[k], -k))
+
+    def choose(self, batch: int) -> int:
+        self.choices += 1
+        k = self.best(batch)
+        if k < self.max_depth and self.explore_every and self.choices % self.explore_every == 0:
+            return self.max_depth
+        return k
+
+    def observe(self, depth: int, kept: list[int]) -> None:
+        """One verify step at depth K: row r's first kept[r] drafts were accepted and taken."""
+        for j in range(depth):
+            self.proposed[j] = self.proposed[j] * self.keep + len(kept)
+            self.accepted[j] = self.accepted[j] * self.keep + sum(k > j for k in kept)

@@ -3,7 +3,8 @@
 One iteration of `step()`:
   1. admit waiting requests into free slots: prefill the main model over their prompts, sample
      their first token, prefill the MTP layers' caches;
-  2. draft: the MTP chain proposes K tokens per active row (K from the depth table);
+  2. draft: the MTP chain proposes K tokens per active row (K: fixed, chosen each step by
+     AutoDepth, or from the depth table);
   3. verify: one main-model forward over [last token, K drafts] (K+1 positions), speculative
      rejection sampling (kernels/sampling.py) keeps 1..K+1 tokens per row;
   4. roll rejected entries out of the caches, hand the tokens to their requests (the one
@@ -28,7 +29,7 @@ from mimo_train.rollout import weights as weight_io
 from mimo_train.rollout.api import Completion, DraftCounts, Metrics, SamplingParams
 from mimo_train.rollout.cache import KVCache
 from mimo_train.rollout.decode import SlotState
-from mimo_train.rollout.depth import measure_depth_table
+from mimo_train.rollout.depth import AutoDepth, measure_step_costs
 from mimo_train.rollout.model import InferenceModel
 from mimo_train.rollout.rng import request_seed
 
@@ -40,8 +41,10 @@ class EngineConfig:
     # Speculative depth per batch size: {batch upper bound: K}; the smallest bound >= the
     # active batch applies (the largest bound beyond it). None: every MTP layer at any batch.
     depth_table: dict[int, int] | None = None
-    # Or measure the table at start-up (rollout/depth.py), for this per-draft acceptance rate.
-    measure_depth_table: bool = False
+    # Or choose K every step (rollout/depth.py AutoDepth): step costs per (batch, K) timed at
+    # start-up, weighed with the running acceptance of the drafts; until drafts have been
+    # verified, each is assumed accepted with probability expected_acceptance.
+    auto_depth: bool = False
     expected_acceptance: float = 0.7
     device: str | None = None  # default: cuda if available, else cpu
     dtype: torch.dtype | None = None  # default: bfloat16 on cuda, float32 on cpu
@@ -94,9 +97,10 @@ class Engine:
         self._next_id, self._rng = 0, random.Random(c.seed)
         self._stats = collections.Counter()
         self._drafts = DraftCounts.zeros(Km)  # every request's, pooled (Metrics)
-        self.fixed_depth: int | None = None  # set: every step drafts this many tokens, whatever the table says
-        if c.measure_depth_table:
-            self.depth_table = measure_depth_table(self, acceptance=c.expected_acceptance)
+        self.fixed_depth: int | None = None  # set: every step drafts this many tokens, whatever else says
+        self.auto: AutoDepth | None = None
+        if c.auto_depth:
+            self.auto = AutoDepth(measure_step_costs(self), prior=c.expected_acceptance)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None, **overrides) -> "Engine":
@@ -204,8 +208,11 @@ class Engine:
 
     # ---- the iteration -----------------------------------------------------------------------
     def depth_for(self, batch: int) -> int:
+        """This step's K: a fixed depth (generate's `depth`), else auto, else the depth table."""
         if self.fixed_depth is not None:
             return self.fixed_depth
+        if self.auto is not None:
+            return self.auto.choose(batch)
         bounds = sorted(self.depth_table)
         return self.depth_table[next((b for b in bounds if b >= batch), bounds[-1])]
 
@@ -223,7 +230,7 @@ class Engine:
         n_acc, out, logprobs = self.state.decode(n, K, min(bound, self.cache.max_len), greedy, top_k, top_p, lengths)
         n_acc, out, logprobs = n_acc.tolist(), out.tolist(), logprobs.tolist()  # the host sync
         self._stats.update(steps=1, busy=n, **{f"depth{K}": 1})
-        done_rows = []
+        done_rows, kept = [], []
         for r in range(n):
             req = self.slots[r]
             before = len(req.tokens)
@@ -232,8 +239,11 @@ class Engine:
             # Drafts accepted past the request's stop token or length limit never reach it: the
             # statistics count the accepted drafts it took, min(n_acc, taken).
             taken = len(req.tokens) - before
+            kept.append(min(n_acc[r], taken))
             for counts in (req.drafts, self._drafts):
-                counts.add_step(K, min(n_acc[r], taken), taken)
+                counts.add_step(K, kept[-1], taken)
+        if self.auto is not None:
+            self.auto.observe(K, kept)
         return finished + self._retire(done_rows)
 
     @staticmethod

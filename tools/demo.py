@@ -177,24 +177,56 @@ def depth_table(run_dir: Path, seconds: float):
     return table
 
 
-def accept_lengths(export_dir: Path, data: Path, n: int = 32) -> dict:
-    """Sample the student (temperature 1) on held-out prompts with K = 0 and K = 3 drafts."""
+def accept_lengths(export_dir: Path, data: Path, n: int = 32, rounds: int = 3) -> dict:
+    """Sample the student (temperature 1) on held-out prompts at K = 0, at K = 3 and with the
+    depth chosen every step (rl.spec_depth=auto: measured step costs x running acceptance),
+    the three interleaved `rounds` times so that a machine slowing down favours none of them."""
     from mimo_train.rollout.api import SamplingParams
     from mimo_train.rollout.engine import Engine, EngineConfig
 
     from mimo_train.data.dataset import load_tokenizer
     from mimo_train.rl.evaluate import load_eval_rows, prompt_ids
 
-    engine = Engine.from_pretrained(export_dir, EngineConfig(max_batch=1, max_len=128))
+    engine = Engine.from_pretrained(export_dir, EngineConfig(max_batch=1, max_len=128, auto_depth=True))
     tokenizer = load_tokenizer(str(data / "tokenizer"))
     prompts = [prompt_ids(tokenizer, r["prompt"]) for r in load_eval_rows(data / "eval" / "eval.jsonl")[:n]]
     params = SamplingParams(temperature=1.0, max_new_tokens=16, stop_token_ids=(tokenizer.eos_token_id,), seed=0)
+    modes = {"K=0": 0, f"K={engine.max_depth}": engine.max_depth, "auto": None}
+    runs = {name: [] for name in modes}
+    for _ in range(rounds):
+        for name, depth in modes.items():
+            runs[name].append(engine.generate(prompts, params, depth=depth)[1])
     out = {}
-    for depth in (0, engine.max_depth):
-        _, m = engine.generate(prompts, params, depth=depth)
-        out[f"K={depth}"] = {"tokens_per_s": round(m.tokens_per_s, 1), "mean_accept_length": round(m.mean_accept_length, 3),
-                             "acceptance_per_position": [round(a, 3) for a in m.acceptance_per_position]}
+    for name, ms in runs.items():
+        rates = [m.tokens_per_s for m in ms]
+        last = ms[-1]
+        out[name] = {"tokens_per_s": round(sum(rates) / len(rates), 1), "rounds_tokens_per_s": [round(r, 1) for r in rates],
+                     "mean_accept_length": round(last.mean_accept_length, 3),
+                     "acceptance_per_position": [round(a, 3) for a in last.acceptance_per_position],
+                     "depth_steps": {str(k): v for k, v in sorted(last.depth_steps.items())}}
+    fixed = [name for name in modes if name != "auto"]
+    best = max(fixed, key=lambda name: out[name]["tokens_per_s"])
+    # The noise of the comparison: the largest spread of one mode's rate over the rounds.
+    noise = max(max(r) - min(r) for r in ([m.tokens_per_s for m in ms] for ms in runs.values()))
+    out["auto_vs_best"] = {"best_fixed": best, "ratio": round(out["auto"]["tokens_per_s"] / out[best]["tokens_per_s"], 3),
+                           "round_spread_tokens_per_s": round(noise, 1),
+                           "auto_within_noise": out["auto"]["tokens_per_s"] >= out[best]["tokens_per_s"] - noise,
+                           "step_seconds": {str(b): [round(t * 1e3, 3) for t in s] for b, s in engine.auto.seconds.items()}}
     return out
+
+
+def speculative_table(spec: dict) -> list[str]:
+    """Tokens/s of K = 0, K = max and auto (mean of the interleaved rounds), and auto against
+    the better fixed depth."""
+    lines = ["| depth | tokens/s (mean of rounds) | rounds | accept length |", "|---|---|---|---|"]
+    for name, m in spec.items():
+        if name != "auto_vs_best":
+            lines.append(f"| {name} | {m['tokens_per_s']} | {', '.join(map(str, m['rounds_tokens_per_s']))} | "
+                         f"{m['mean_accept_length']} |")
+    cmp = spec["auto_vs_best"]
+    lines += ["", f"auto / {cmp['best_fixed']} = {cmp['ratio']} (the rounds' largest spread: "
+                  f"{cmp['round_spread_tokens_per_s']} tokens/s; auto within it: {cmp['auto_within_noise']})."]
+    return lines
 
 
 def write_report(out: Path, summary: dict) -> Path:
@@ -216,6 +248,7 @@ def write_report(out: Path, summary: dict) -> Path:
               f"| MOPD student | {seconds['mopd']:.0f} | {tokens['mopd']:.0f} |",
               f"| MOPD / teachers | {seconds['mopd'] / max(teacher_s, 1e-9):.2f} | {tokens['mopd'] / max(teacher_tok, 1):.2f} |",
               "", "## Speculative decoding with the student's MTP layers (exported weights, our engine)", "",
+              *speculative_table(summary["speculative"]), "",
               "```json", json.dumps(summary["speculative"], indent=1), "```", "",
               "## Curves", "", "![base losses](base/loss.png)", "",
               *[f"![teacher {d}](teacher_{d}/rewards.png)" for d in DOMAINS], "", "![student](student/rewards.png)", "",

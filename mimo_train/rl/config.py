@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 ALGORITHMS = ("grpo", "mopd")
@@ -55,7 +56,12 @@ class RLConfig:
     is_high: float = 2.0
     routing_replay: bool = True  # replay the engine's expert choices in the training forward
     # Rollout engine.
-    spec_depth: int | None = None  # MTP draft depth K; null: every MTP layer
+    # MTP draft depth K: 0..the model's MTP layers; null: all of them; auto: chosen every decode
+    # step by measured step cost x running acceptance (rollout/depth.py, our engine only). Every
+    # choice samples the same distribution (speculative sampling is lossless), but auto's choices
+    # follow this machine's timings, so the sampled tokens do too: runs that must repeat bit for
+    # bit (kill -9 and resume included) use a fixed depth.
+    spec_depth: Any = None
     engine_max_batch: int = 32
 
     def validate(self, recipe: str) -> None:
@@ -69,7 +75,9 @@ class RLConfig:
         _need(self.top_p == 1, "rl.top_p must be 1: RL needs the log-probs of the distribution it samples from")
         _need(self.clip_low >= 0 and self.clip_high >= 0 and self.kl_coef >= 0, "rl: clip_low, clip_high, kl_coef must be >= 0")
         _need(0 <= self.is_low <= 1 <= self.is_high, "rl: need 0 <= is_low <= 1 <= is_high")
-        _need(self.spec_depth is None or self.spec_depth >= 0, "rl.spec_depth must be >= 0 or null")
+        depth = self.spec_depth
+        _need(depth is None or depth == "auto" or (isinstance(depth, int) and not isinstance(depth, bool) and depth >= 0),
+              f"rl.spec_depth={depth!r}: use an int >= 0 (draft depth K), null (every MTP layer) or auto")
         if self.algorithm == "mopd":
             _need(self.kl_coef == 0, "rl.kl_coef is a GRPO option: MOPD's advantage already is the (reverse) KL to the teacher")
             _need(bool(self.teachers), "recipe mopd needs rl.teachers: a list of {name, domain, checkpoint[, server]}")

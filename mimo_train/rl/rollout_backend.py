@@ -60,10 +60,11 @@ class NativeRollout:
         from mimo_train.rollout.engine import Engine, EngineConfig
 
         rl = self.config.rl
+        auto = rl.spec_depth == "auto"
         self.engine = Engine(self.config.model, weights, EngineConfig(
             max_batch=min(rl.engine_max_batch, rl.prompts_per_step * rl.group_size), max_len=self.max_len,
-            seed=self.config.train.seed), version=version)
-        self.engine.fixed_depth = rl.spec_depth
+            seed=self.config.train.seed, auto_depth=auto), version=version)
+        self.engine.fixed_depth = None if auto else rl.spec_depth
 
     def generate(self, prompts, params):
         return self.engine.generate(prompts, params)

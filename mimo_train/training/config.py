@@ -145,7 +145,10 @@ class RunConfig:
                       "parallel.recompute=full is not supported with routing replay (RL recipes on MoE models): "
                       "use parallel.recompute=selective or null")
                 depth, mtp = self.rl.spec_depth, self.model.num_nextn_predict_layers
-                _need(depth is None or depth <= mtp,
+                _need(depth != "auto" or self.rollout.backend == "native",
+                      "rl.spec_depth=auto needs rollout.backend=native: a vLLM server's draft depth is fixed when "
+                      "it starts; set rl.spec_depth to a number for rollout=vllm")
+                _need(depth in (None, "auto") or depth <= mtp,
                       f"rl.spec_depth={depth} is more than the model's {mtp} MTP layers "
                       f"(model.num_nextn_predict_layers): set rl.spec_depth to 0..{mtp}, or null for all of them")
                 need = self.rl.prompts_per_step * self.rl.group_size

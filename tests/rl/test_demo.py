@@ -35,8 +35,12 @@ def test_the_whole_pipeline_runs_and_reports(tmp_path):
     spec = summary["speculative"]
     assert spec["K=0"]["mean_accept_length"] == 1.0
     assert 1.0 <= spec["K=3"]["mean_accept_length"] <= 4.0 and len(spec["K=3"]["acceptance_per_position"]) == 3
+    # K = 0, K = 3 and auto, interleaved over three rounds, auto held against the better fixed depth.
+    assert all(len(spec[m]["rounds_tokens_per_s"]) == 3 for m in ("K=0", "K=3", "auto"))
+    assert spec["auto_vs_best"]["best_fixed"] in ("K=0", "K=3") and spec["auto_vs_best"]["ratio"] > 0
+    assert sum(spec["auto"]["depth_steps"].values()) > 0
     report = (out / "report.md").read_text()
-    assert "| MOPD / teachers |" in report and "![evaluation](eval/eval.png)" in report
+    assert "| auto |" in report and "| MOPD / teachers |" in report and "![evaluation](eval/eval.png)" in report
     # The figures name where they come from: the command, the commit and the machine.
     env = summary["environment"]
     assert summary["command"].startswith("python tools/demo.py out=") and "model=tiny" in summary["command"]

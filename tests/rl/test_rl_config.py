@@ -14,10 +14,13 @@ BASE = ["recipe=grpo", "model=tiny", "train.global_batch=8", "rl.prompts_per_ste
     ("rl.algorithm=mopd", "needs rl.algorithm=grpo"),
     # tiny has 3 MTP layers: a deeper draft would fail inside the rollout engine, mid-run.
     ("rl.spec_depth=4", r"rl.spec_depth=4 is more than the model's 3 MTP layers .*set rl.spec_depth to 0..3"),
+    ("rl.spec_depth=deep", r"rl.spec_depth='deep': use an int >= 0 .*, null .* or auto"),
+    # A vLLM server drafts at the depth it was started with: auto cannot move it per step.
+    ("rl.spec_depth=auto rollout=vllm", r"rl.spec_depth=auto needs rollout.backend=native"),
 ])
 def test_refused(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(BASE + [override])
+        load_config(BASE + override.split())
 
 
 def test_mopd_needs_one_teacher_per_domain():
@@ -28,6 +31,6 @@ def test_mopd_needs_one_teacher_per_domain():
         load_config(["recipe=mopd", "model=tiny", "rl.kl_coef=0.1"])
 
 
-@pytest.mark.parametrize("depth", ["0", "3", "null"])
-def test_spec_depth_up_to_the_mtp_layers(depth):
-    assert load_config(BASE + [f"rl.spec_depth={depth}"]).rl.spec_depth == (None if depth == "null" else int(depth))
+@pytest.mark.parametrize("depth,value", [("0", 0), ("3", 3), ("null", None), ("auto", "auto")])
+def test_spec_depth_up_to_the_mtp_layers_or_auto(depth, value):
+    assert load_config(BASE + [f"rl.spec_depth={depth}"]).rl.spec_depth == value

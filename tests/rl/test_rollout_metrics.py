@@ -56,3 +56,18 @@ def test_the_domains_together_give_the_engines_own_figures(engine):
         mine = DraftCounts.total(counts[i] for i in rows)
         assert split[f"rollout/accept_length/{domain}"] == mine.tokens / mine.steps
         assert sum(len(completions[i].tokens) - 1 for i in rows) == mine.tokens  # all but the prefill's token
+
+
+def test_an_rl_run_with_auto_depth_stays_on_policy(rl_data, student_init, teacher_init, megatron_single, tmp_path):
+    """rl.spec_depth=auto: the engine times its steps, then picks K every decode step; whatever
+    K it picks, the samples' log-probs are the trainer's (ratio 1, nothing masked: speculative
+    sampling is lossless at every depth) and the run reports the depth it drafted at."""
+    from tests.rl.rl_runs import mopd_args
+    from tests.training.runs import metrics, train_here
+
+    train_here(mopd_args(rl_data, tmp_path, student_init, teacher_init, "rl.spec_depth=auto"))
+    rows = metrics(tmp_path)
+    assert sorted(rows) == [1, 2]
+    for row in rows.values():
+        assert abs(row["rl/ratio_mean"] - 1) < 1e-4 and row["rl/is_masked_fraction"] == 0
+        assert 0 <= row["rollout/mean_depth"] <= 3 and "rollout/accept_length" in row

@@ -4,7 +4,7 @@ and the metrics of a call."""
 import pytest
 import torch
 
-from mimo_train.rollout import Engine, EngineConfig, SamplingParams, depth
+from mimo_train.rollout import Engine, EngineConfig, SamplingParams
 from tests.rollout.rollout_utils import random_prompts
 
 
@@ -82,23 +82,6 @@ def test_depth_follows_the_table(parity_model):
     assert set(metrics.depth_steps) == {0, 2, 3}  # three, then two, then one request left
     with pytest.raises(ValueError, match="depth_table"):
         Engine(parity_model.cfg, parity_model.weights, EngineConfig(device="cpu", depth_table={1: 4}))
-
-
-def test_depth_table_measured_at_start_up(parity_model, monkeypatch):
-    """Measured on this machine at start-up, the engine left idle and serving; the choice
-    weighs each step's cost with the tokens it yields, so deep drafts win at small batches
-    and lose at large ones."""
-    engine = Engine(parity_model.cfg, parity_model.weights,
-                    EngineConfig(device="cpu", max_batch=2, max_len=64, measure_depth_table=True))
-    assert set(engine.depth_table) == {1, 2} and all(0 <= k <= 3 for k in engine.depth_table.values())
-    assert engine.n == 0 and not engine.waiting
-    completions, _ = engine.generate(random_prompts(parity_model.cfg, [5], seed=1), SamplingParams(max_new_tokens=4))
-    assert len(completions[0].tokens) == 4
-
-    # Step costs of a memory-bound small batch and a compute-bound large one.
-    monkeypatch.setattr(depth, "measure_step_seconds", lambda engine, batch, k, steps: 1 + 0.1 * k * batch)
-    engine.config.max_batch = 16
-    assert depth.measure_depth_table(engine, (1, 4, 16), acceptance=0.7) == {1: 3, 4: 2, 16: 0}
 
 
 def bigram_weights(model) -> dict[str, torch.Tensor]:

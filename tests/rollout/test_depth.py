@@ -1,0 +1,122 @@
+"""Choosing the draft depth K by measurement (rollout/depth.py): the K with the most expected
+tokens per second, from step costs per (batch, K) and the running acceptance of the drafts;
+followed by the engine every step, and never changing what greedy decoding produces."""
+
+import pytest
+
+from mimo_train.rollout import Engine, EngineConfig, SamplingParams
+from mimo_train.rollout.depth import AutoDepth, expected_tokens
+from tests.rollout.rollout_utils import random_prompts
+from tests.rollout.test_batching import bigram_weights
+
+# Step seconds at K = 0..3: nearly flat at batch 1 (a step reads the weights once whatever K),
+# steep at batch 8 (every drafted position costs compute).
+COSTS = {1: [1.0, 1.1, 1.2, 1.3], 8: [1.0, 1.6, 2.2, 2.8]}
+
+
+def test_acceptance_is_counted_per_position_over_a_prior():
+    """Hand-worked. One verify step at K = 3 of four rows that kept [3, 1, 0, 2] drafts: position
+    0 accepted in 3 rows, 1 in 2, 2 in 1. With a prior per-draft acceptance 0.5 (positions:
+    0.5, 0.25, 0.125) worth 4 rows: (3 + 2) / 8, (2 + 1) / 8, (1 + 0.5) / 8."""
+    auto = AutoDepth(COSTS, prior=0.5, prior_rows=4, memory=10 ** 9)
+    assert auto.acceptance() == [0.5, 0.25, 0.125]  # nothing verified yet: the prior
+    auto.observe(3, [3, 1, 0, 2])
+    assert auto.acceptance() == pytest.approx([0.625, 0.375, 0.1875], abs=1e-9)
+    assert expected_tokens(auto.acceptance(), 3) == pytest.approx(2.1875)
+
+
+def test_older_steps_weigh_less():
+    """memory = 2: each observation halves what came before it. Position 0 accepted, then
+    rejected: accepted 1 x 0.5 + 0 = 0.5 of proposed 1 x 0.5 + 1 = 1.5; with a prior 0.5 worth
+    one row, (0.5 + 0.5) / (1.5 + 1) = 0.4. A step at K = 1 leaves positions 1 and 2 alone."""
+    auto = AutoDepth(COSTS, prior=0.5, prior_rows=1, memory=2)
+    auto.observe(1, [1])
+    auto.observe(1, [0])
+    assert auto.acceptance() == pytest.approx([0.4, 0.25, 0.125])
+
+
+def test_the_depth_with_the_most_tokens_per_second_wins():
+    """With acceptance [0.625, 0.375, 0.1875] a step yields 1, 1.625, 2.0, 2.1875 tokens at
+    K = 0..3. Batch 1: per second 1, 1.477, 1.667, 1.683: K = 3. Batch 8: 1, 1.016, 0.909,
+    0.781: K = 1. A batch between measured sizes uses the next larger one's costs; one beyond
+    them the largest's."""
+    auto = AutoDepth(COSTS, prior=0.5, prior_rows=4, memory=10 ** 9)
+    auto.observe(3, [3, 1, 0, 2])
+    assert [auto.best(b) for b in (1, 2, 5, 8, 20)] == [3, 1, 1, 1, 1]
+    rejected = AutoDepth(COSTS, prior=0.0)  # drafts never accepted: drafting only costs time
+    assert [rejected.best(b) for b in (1, 8)] == [0, 0]
+
+
+def test_a_shallow_choice_still_measures_the_deep_drafts_now_and_then():
+    """Every 4th choice drafts at the deepest K when a shallower one won: otherwise the
+    acceptance of positions a shallow K never proposes would never be measured again."""
+    auto = AutoDepth(COSTS, prior=0.0, explore_every=4)
+    assert [auto.choose(1) for _ in range(8)] == [0, 0, 0, 3, 0, 0, 0, 3]
+    deep = AutoDepth(COSTS, prior=1.0, explore_every=4)
+    assert [deep.choose(1) for _ in range(4)] == [3, 3, 3, 3]
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="step costs at K = 0..Kmax"):
+        AutoDepth({1: [1.0, 2.0], 2: [1.0]})
+    with pytest.raises(ValueError, match="0 <= prior <= 1"):
+        AutoDepth(COSTS, prior=1.5)
+
+
+def wrong_drafts(model) -> dict:
+    """The bigram model whose MTP layers read the token's embedding negated: each draft is the
+    token the main model scores lowest, so no draft is ever accepted."""
+    w = bigram_weights(model)
+    for k in range(model.cfg.num_nextn_predict_layers):
+        w[f"model.mtp.layers.{k}.eh_proj.weight"] = -w[f"model.mtp.layers.{k}.eh_proj.weight"]
+    return w
+
+
+FLAT = {1: [1.0, 1.2, 1.4, 1.6], 2: [1.0, 1.4, 1.8, 2.2]}  # drafting is cheap at batch 1
+
+
+@pytest.mark.parametrize("drafts", ["right", "wrong"])
+def test_the_engine_follows_the_drafts_it_sees(parity_model, drafts):
+    """Right drafts (the bigram model), from a pessimistic prior (0.3 per draft): the engine
+    starts shallow and ends drafting at K = 3 most of the time. Wrong drafts, from an optimistic
+    prior (0.7): it starts at K = 3 and ends at K = 0 but for an exploration step every 16.
+    Greedy tokens are plain decoding's (K = 0) either way."""
+    weights = bigram_weights(parity_model) if drafts == "right" else wrong_drafts(parity_model)
+    engine = Engine(parity_model.cfg, weights, EngineConfig(device="cpu", max_batch=2, max_len=256))
+    prompt = random_prompts(parity_model.cfg, [5], seed=3)[0]
+    params = SamplingParams(temperature=0.0, max_new_tokens=120)
+    (plain,), _ = engine.generate([prompt], params, depth=0)
+    engine.auto = AutoDepth(FLAT, prior=0.3 if drafts == "right" else 0.7, explore_every=16)
+    first = engine.auto.best(1)
+    (auto,), metrics = engine.generate([prompt], params)
+    assert auto.tokens == plain.tokens
+    steps = metrics.depth_steps
+    if drafts == "right":
+        assert first < 3 and steps[3] > 0.5 * metrics.steps and engine.auto.best(1) == 3
+        assert engine.auto.acceptance()[0] > 0.9
+    else:
+        assert first == 3 and steps[0] > 0.75 * metrics.steps and engine.auto.best(1) == 0
+        assert engine.auto.acceptance()[0] < 0.1
+
+
+def test_costly_drafts_are_left_out(parity_model):
+    """The same drafts, all right, but each drafted position costs two plain steps: K = 0 wins
+    (tokens per second 1, 2/3, 3/5, 4/7), and K = 3 runs only on exploration steps."""
+    engine = Engine(parity_model.cfg, bigram_weights(parity_model), EngineConfig(device="cpu", max_batch=2, max_len=128))
+    engine.auto = AutoDepth({1: [1.0, 3.0, 5.0, 7.0]}, prior=1.0, explore_every=8)
+    prompt = random_prompts(parity_model.cfg, [5], seed=3)[0]
+    _, metrics = engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=40))
+    steps = metrics.depth_steps
+    assert set(steps) == {0, 3} and steps[3] == (steps[0] + steps[3]) // 8
+
+
+def test_auto_depth_times_the_steps_at_start_up(parity_model):
+    """Measured on this machine before the first request, the engine left idle: one cost per
+    K = 0..3 for batches 1, 2 and max_batch 3; then it serves as usual."""
+    engine = Engine(parity_model.cfg, parity_model.weights,
+                    EngineConfig(device="cpu", max_batch=3, max_len=64, auto_depth=True))
+    assert sorted(engine.auto.seconds) == [1, 2, 3]
+    assert all(len(s) == 4 and all(t > 0 for t in s) for s in engine.auto.seconds.values())
+    assert engine.n == 0 and not engine.waiting
+    completions, _ = engine.generate(random_prompts(parity_model.cfg, [5], seed=1), SamplingParams(max_new_tokens=4))
+    assert len(completions[0].tokens) == 4
