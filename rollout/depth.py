@@ -10,7 +10,10 @@ each step's K as the one with the most expected tokens per second:
 
 where a_j = P(draft j accepted and taken) (it already includes drafts 0..j-1 being accepted:
 the same quantity as `DraftCounts.acceptance_per_position`) and seconds(batch, K) is one decode
-step timed on this engine at start-up (`measure_step_costs`).
+step on this engine: timed on synthetic requests at start-up (`measure_step_costs`), then
+followed by the steps that actually run. The start-up figure alone is not enough: on a shared
+CPU the real steps' costs drifted 60% from it within minutes (the demo's K = 3 steps), and the
+depth it chose was then the slowest one.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ def expected_tokens(acceptance: list[float], depth: int) -> float:
 
 
 def measure_step_seconds(engine, batch: int, depth: int, steps: int = 10, prompt_len: int = 16) -> float:
-    """Mean seconds of one decode step of `batch` synthetic greedy requests at depth K. A mean,
+    """Mean seconds of one decode step of `batch` synthetic requests sampled at temperature 1
+    (as RL samples: verifying a sampled draft costs more than a greedy one) at depth K. A mean,
     not a median: below the deepest K the MTP layers catch up every few steps (every 5 at K = 0
     with 3 MTP layers, rollout/decode.py), and that cost is part of the step's."""
     if engine.n or engine.waiting:
@@ -39,7 +43,7 @@ def measure_step_seconds(engine, batch: int, depth: int, steps: int = 10, prompt
     engine.fixed_depth = depth
     try:
         for p in prompts:
-            engine.add_request(p, SamplingParams(temperature=0.0, max_new_tokens=10 ** 6, ignore_eos=True))
+            engine.add_request(p, SamplingParams(temperature=1.0, max_new_tokens=10 ** 6, ignore_eos=True, seed=0))
         engine.step()  # admission and a first step (and compilation, if any)
         engine.step()
         start = time.perf_counter()
@@ -71,7 +75,8 @@ def measure_step_costs(engine, steps: int = 10) -> dict[int, list[float]]:
 class AutoDepth:
     """Chooses K for every decode step from step costs (`seconds`: {batch: [s at K=0..Kmax]},
     the smallest measured batch >= the active one applies) and the acceptance of the drafts
-    verified lately.
+    verified lately. With `learn_costs`, each step that runs moves its (batch, K) cost a fraction
+    `cost_rate` of the way to its own time (`observe_cost`).
 
     Acceptance per position is a decayed count: each observed step multiplies that position's
     counts by `1 - 1/memory` before adding its rows, so the estimate follows a policy that
@@ -81,13 +86,14 @@ class AutoDepth:
     so the positions a shallow K never proposes are measured again."""
 
     def __init__(self, seconds: dict[int, list[float]], prior: float = 0.7, memory: int = 64,
-                 explore_every: int = 16, prior_rows: float = 1.0):
+                 explore_every: int = 16, prior_rows: float = 1.0, learn_costs: bool = True, cost_rate: float = 0.1):
         if not seconds or len({len(s) for s in seconds.values()}) != 1:
             raise ValueError("AutoDepth needs step costs at K = 0..Kmax for at least one batch size")
         if not 0 <= prior <= 1 or memory < 1 or explore_every < 0:
             raise ValueError(f"AutoDepth: need 0 <= prior <= 1, memory >= 1, explore_every >= 0; got "
                              f"{prior}, {memory}, {explore_every}")
-        self.seconds = dict(sorted(seconds.items()))
+        self.seconds = {b: list(s) for b, s in sorted(seconds.items())}
+        self.learn_costs, self.cost_rate = learn_costs, cost_rate
         self.max_depth = len(next(iter(seconds.values()))) - 1
         self.prior = [prior ** (j + 1) for j in range(self.max_depth)]
         self.prior_rows, self.keep, self.explore_every = prior_rows, 1 - 1 / memory, explore_every
@@ -100,9 +106,13 @@ class AutoDepth:
         w = self.prior_rows
         return [(a + w * p) / (n + w) for a, n, p in zip(self.accepted, self.proposed, self.prior)]
 
+    def costs(self, batch: int) -> list[float]:
+        """Step seconds at K = 0..Kmax for this batch: the smallest measured batch >= it, or the largest."""
+        return next((s for b, s in self.seconds.items() if b >= batch), self.seconds[max(self.seconds)])
+
     def best(self, batch: int) -> int:
         """The K with the most expected tokens per second at this batch (the shallower on a tie)."""
-        costs = next((s for b, s in self.seconds.items() if b >= batch), self.seconds[max(self.seconds)])
+        costs = self.costs(batch)
         acc = self.acceptance()
         rate = [expected_tokens(acc, k) / costs[k] for k in range(self.max_depth + 1)]
         return max(range(self.max_depth + 1), key=lambda k: (rate[k], -k))
@@ -113,6 +123,12 @@ class AutoDepth:
         if k < self.max_depth and self.explore_every and self.choices % self.explore_every == 0:
             return self.max_depth
         return k
+
+    def observe_cost(self, batch: int, depth: int, seconds: float) -> None:
+        """A decode step of `batch` rows at depth K took `seconds`."""
+        if self.learn_costs:
+            costs = self.costs(batch)
+            costs[depth] += self.cost_rate * (seconds - costs[depth])
 
     def observe(self, depth: int, kept: list[int]) -> None:
         """One verify step at depth K: row r's first kept[r] drafts were accepted and taken."""

@@ -227,8 +227,11 @@ class Engine:
         greedy, top_k, top_p = self._sampling_flags(self.slots[:n])
         lengths = [len(r.prompt) + len(r.tokens) for r in self.slots[:n]]
         bound = _round_up(max(lengths) + K, 64)
+        start = time.perf_counter()
         n_acc, out, logprobs = self.state.decode(n, K, min(bound, self.cache.max_len), greedy, top_k, top_p, lengths)
         n_acc, out, logprobs = n_acc.tolist(), out.tolist(), logprobs.tolist()  # the host sync
+        if self.auto is not None:
+            self.auto.observe_cost(n, K, time.perf_counter() - start)
         self._stats.update(steps=1, busy=n, **{f"depth{K}": 1})
         done_rows, kept = [], []
         for r in range(n):

@@ -180,7 +180,21 @@ def depth_table(run_dir: Path, seconds: float):
 def accept_lengths(export_dir: Path, data: Path, n: int = 32, rounds: int = 3) -> dict:
     """Sample the student (temperature 1) on held-out prompts at K = 0, at K = 3 and with the
     depth chosen every step (rl.spec_depth=auto: measured step costs x running acceptance),
-    the three interleaved `rounds` times so that a machine slowing down favours none of them."""
+    the three interleaved `rounds` times so that a machine slowing down favours none of them.
+    One torch thread: a 10M-parameter model decoding one request is a stream of small ops, which
+    two threads on two cores run about half as fast (OpenMP hand-offs), and slower still when
+    anything else runs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _accept_lengths(export_dir, data, n, rounds)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _accept_lengths(export_dir: Path, data: Path, n: int, rounds: int) -> dict:
     from mimo_train.rollout.api import SamplingParams
     from mimo_train.rollout.engine import Engine, EngineConfig
 
@@ -218,7 +232,8 @@ def accept_lengths(export_dir: Path, data: Path, n: int = 32, rounds: int = 3) -
 def speculative_table(spec: dict) -> list[str]:
     """Tokens/s of K = 0, K = max and auto (mean of the interleaved rounds), and auto against
     the better fixed depth."""
-    lines = ["| depth | tokens/s (mean of rounds) | rounds | accept length |", "|---|---|---|---|"]
+    lines = ["Batch 1, one torch thread, temperature 1, at most 16 new tokens.", "",
+             "| depth | tokens/s (mean of rounds) | rounds | accept length |", "|---|---|---|---|"]
     for name, m in spec.items():
         if name != "auto_vs_best":
             lines.append(f"| {name} | {m['tokens_per_s']} | {', '.join(map(str, m['rounds_tokens_per_s']))} | "

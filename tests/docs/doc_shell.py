@@ -32,6 +32,7 @@ TOOL_OPTIONS = {
     "tools/export.py": [("--no-progress", None)],
     "tools/bench_rollout.py": [("--batches", "1"), ("--depths", "0,1"), ("--rounds", "1"), ("--new-tokens", "4"),
                                ("--batch1-prompts", "1")],
+    "tools/accept_law.py": [("--limit", "3"), ("--samples", "1"), ("--max-new-tokens", "8"), ("--no-plot", None)],
 }
 
 SHRINK = {"mimo_train/run.py": RUN_OVERRIDES, **TOOL_OPTIONS}

@@ -10,8 +10,8 @@ How (docs/training.md, "How the documented commands are tested", says the same f
   tests/docs/doc_shell.py: the command runs as written, in a process of its own, with the tiny
   settings of `doc_shell.SHRINK` appended (`mimo_train/run.py`: the `tiny` model, one step of 4
   samples; `tools/make_data.py`: 100 rows per domain; `tools/evaluate.py`: 3 prompts per domain;
-  `tools/bench_rollout.py`: one short round), replacing the same settings where a block gives
-  them. torchrun gets `--standalone`.
+  `tools/bench_rollout.py`: one short round; `tools/accept_law.py`: 3 prompts, one short sample
+  each), replacing the same settings where a block gives them. torchrun gets `--standalone`.
 - The full-size commands are checked too, without training: every `mimo_train/run.py` command
   as written (the `small` model, the recipe's batch) must pass the config checks and the
   parallel-layout check for its number of ranks.

@@ -5,7 +5,7 @@ followed by the engine every step, and never changing what greedy decoding produ
 import pytest
 
 from mimo_train.rollout import Engine, EngineConfig, SamplingParams
-from mimo_train.rollout.depth import AutoDepth, expected_tokens
+from mimo_train.rollout.depth import AutoDepth, expected_tokens, measure_step_costs
 from tests.rollout.rollout_utils import random_prompts
 from tests.rollout.test_batching import bigram_weights
 
@@ -56,6 +56,21 @@ def test_a_shallow_choice_still_measures_the_deep_drafts_now_and_then():
     assert [deep.choose(1) for _ in range(4)] == [3, 3, 3, 3]
 
 
+def test_step_costs_follow_the_steps_that_run():
+    """Hand-worked, cost_rate 0.5: batch 5 runs under batch 8's costs; a K = 1 step of 2.6 s moves
+    its 1.6 half-way, to 2.1, then a step of 0.1 s to 1.1; the other costs stay (and the table
+    the caller passed is not changed)."""
+    auto = AutoDepth(COSTS, cost_rate=0.5)
+    auto.observe_cost(5, 1, 2.6)
+    assert auto.seconds[8] == pytest.approx([1.0, 2.1, 2.2, 2.8])
+    auto.observe_cost(8, 1, 0.1)
+    assert auto.seconds[8] == pytest.approx([1.0, 1.1, 2.2, 2.8]) and auto.seconds[1] == [1.0, 1.1, 1.2, 1.3]
+    assert COSTS[8] == [1.0, 1.6, 2.2, 2.8]
+    frozen = AutoDepth(COSTS, learn_costs=False)
+    frozen.observe_cost(1, 0, 9.0)
+    assert frozen.seconds[1] == [1.0, 1.1, 1.2, 1.3]
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="step costs at K = 0..Kmax"):
         AutoDepth({1: [1.0, 2.0], 2: [1.0]})
@@ -86,7 +101,7 @@ def test_the_engine_follows_the_drafts_it_sees(parity_model, drafts):
     prompt = random_prompts(parity_model.cfg, [5], seed=3)[0]
     params = SamplingParams(temperature=0.0, max_new_tokens=120)
     (plain,), _ = engine.generate([prompt], params, depth=0)
-    engine.auto = AutoDepth(FLAT, prior=0.3 if drafts == "right" else 0.7, explore_every=16)
+    engine.auto = AutoDepth(FLAT, prior=0.3 if drafts == "right" else 0.7, explore_every=16, learn_costs=False)
     first = engine.auto.best(1)
     (auto,), metrics = engine.generate([prompt], params)
     assert auto.tokens == plain.tokens
@@ -103,11 +118,26 @@ def test_costly_drafts_are_left_out(parity_model):
     """The same drafts, all right, but each drafted position costs two plain steps: K = 0 wins
     (tokens per second 1, 2/3, 3/5, 4/7), and K = 3 runs only on exploration steps."""
     engine = Engine(parity_model.cfg, bigram_weights(parity_model), EngineConfig(device="cpu", max_batch=2, max_len=128))
-    engine.auto = AutoDepth({1: [1.0, 3.0, 5.0, 7.0]}, prior=1.0, explore_every=8)
+    engine.auto = AutoDepth({1: [1.0, 3.0, 5.0, 7.0]}, prior=1.0, explore_every=8, learn_costs=False)
     prompt = random_prompts(parity_model.cfg, [5], seed=3)[0]
     _, metrics = engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=40))
     steps = metrics.depth_steps
     assert set(steps) == {0, 3} and steps[3] == (steps[0] + steps[3]) // 8
+
+
+def test_a_wrong_start_up_cost_is_corrected_by_the_steps_that_run(parity_model):
+    """Drafts never accepted, and a start-up table that claims a K = 3 step costs a hundredth of
+    what it does: auto starts at K = 3, but the K = 3 steps' own times raise its cost within a
+    few steps, and K = 0 (the real fastest) runs most of the time."""
+    engine = Engine(parity_model.cfg, wrong_drafts(parity_model), EngineConfig(device="cpu", max_batch=2, max_len=256))
+    measured = measure_step_costs(engine)
+    wrong = {b: s[:-1] + [s[-1] / 100] for b, s in measured.items()}
+    engine.auto = AutoDepth(wrong, prior=0.7)
+    assert engine.auto.best(1) == 3
+    prompt = random_prompts(parity_model.cfg, [5], seed=3)[0]
+    _, metrics = engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=120))
+    assert metrics.depth_steps[0] > 0.75 * metrics.steps and engine.auto.best(1) == 0
+    assert engine.auto.seconds[1][3] > 10 * wrong[1][3]
 
 
 def test_auto_depth_times_the_steps_at_start_up(parity_model):
