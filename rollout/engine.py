@@ -42,8 +42,8 @@ class EngineConfig:
     # active batch applies (the largest bound beyond it). None: every MTP layer at any batch.
     depth_table: dict[int, int] | None = None
     # Or choose K every step (rollout/depth.py AutoDepth): step costs per (batch, K) timed at
-    # start-up, weighed with the running acceptance of the drafts; until drafts have been
-    # verified, each is assumed accepted with probability expected_acceptance.
+    # start-up and then by the steps that run, weighed with the running acceptance of the drafts;
+    # until drafts have been verified, each is assumed accepted with probability expected_acceptance.
     auto_depth: bool = False
     expected_acceptance: float = 0.7
     device: str | None = None  # default: cuda if available, else cpu
