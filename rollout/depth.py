@@ -10,15 +10,13 @@ each step's K as the one with the most expected tokens per second:
 
 where a_j = P(draft j accepted and taken) (it already includes drafts 0..j-1 being accepted:
 the same quantity as `DraftCounts.acceptance_per_position`) and seconds(batch, K) is one decode
-step on this engine: timed on synthetic requests at start-up (`measure_step_costs`), then
-followed by the steps that actually run. The start-up figure alone is not enough: on a shared
-CPU the real steps' costs drifted 60% from it within minutes (the demo's K = 3 steps), and the
-depth it chose was then the slowest one.
+step on this engine (drafting, verifying and the host sync, the interval `Engine.step` times):
+timed on synthetic requests at start-up (`measure_step_costs`), then followed by the steps that
+actually run. The start-up figure alone is not enough: in a demo run that used only it (2c9429f,
+docs/results/demo-2c9429f/speculative.json) auto drafted at K = 2 and ran at 0.81 of K = 0.
 """
 
 from __future__ import annotations
-
-import time
 
 import torch
 
@@ -31,8 +29,9 @@ def expected_tokens(acceptance: list[float], depth: int) -> float:
 
 
 def measure_step_seconds(engine, batch: int, depth: int, steps: int = 10, prompt_len: int = 16) -> float:
-    """Mean seconds of one decode step of `batch` synthetic requests sampled at temperature 1
-    (as RL samples: verifying a sampled draft costs more than a greedy one) at depth K. A mean,
+    """Mean seconds of one decode step (drafting, verifying and the host sync, as
+    `Engine.step` times it) of `batch` synthetic requests sampled at temperature 1 (as RL
+    samples: verifying a sampled draft costs more than a greedy one) at depth K. A mean,
     not a median: below the deepest K the MTP layers catch up every few steps (every 5 at K = 0
     with 3 MTP layers, rollout/decode.py), and that cost is part of the step's."""
     if engine.n or engine.waiting:
@@ -46,10 +45,11 @@ def measure_step_seconds(engine, batch: int, depth: int, steps: int = 10, prompt
             engine.add_request(p, SamplingParams(temperature=1.0, max_new_tokens=10 ** 6, ignore_eos=True, seed=0))
         engine.step()  # admission and a first step (and compilation, if any)
         engine.step()
-        start = time.perf_counter()
-        for _ in range(steps):
+        seconds = 0.0
+        for _ in range(steps):  # the interval the engine times on every step (Engine.step)
             engine.step()
-        seconds = (time.perf_counter() - start) / steps
+            seconds += engine.last_decode_seconds
+        seconds /= steps
     finally:
         engine.fixed_depth = saved
         engine.abort_all()
@@ -75,15 +75,18 @@ def measure_step_costs(engine, steps: int = 10) -> dict[int, list[float]]:
 class AutoDepth:
     """Chooses K for every decode step from step costs (`seconds`: {batch: [s at K=0..Kmax]},
     the smallest measured batch >= the active one applies) and the acceptance of the drafts
-    verified lately. With `learn_costs`, each step that runs moves its (batch, K) cost a fraction
-    `cost_rate` of the way to its own time (`observe_cost`).
+    verified lately. With `learn_costs`, each step that runs moves its own batch size's cost at
+    its K a fraction `cost_rate` of the way to its time (`observe_cost`); a batch size met for the
+    first time starts from the measured costs, interpolated between the measured sizes.
 
     Acceptance per position is a decayed count: each observed step multiplies that position's
     counts by `1 - 1/memory` before adding its rows, so the estimate follows a policy that
     changes under RL within about `memory` steps. Until a position has been drafted it is
     `prior ** (j + 1)` (a per-draft acceptance `prior`), held with the weight of `prior_rows`
-    drafts. Every `explore_every`-th choice drafts at the deepest K when a shallower one won,
-    so the positions a shallow K never proposes are measured again."""
+    drafts. Every `explore_every`-th choice runs another K than the best, in turn the deepest,
+    then 0, 1, ... (skipping the best): so each K's cost is timed again now and then, and the
+    deepest K, every Kmax + 1 explorations, measures the positions a shallow K never proposes
+    (their estimates then follow the policy over about `memory` such steps, not `memory` steps)."""
 
     def __init__(self, seconds: dict[int, list[float]], prior: float = 0.7, memory: int = 64,
                  explore_every: int = 16, prior_rows: float = 1.0, learn_costs: bool = True, cost_rate: float = 0.1):
@@ -92,14 +95,17 @@ class AutoDepth:
         if not 0 <= prior <= 1 or memory < 1 or explore_every < 0:
             raise ValueError(f"AutoDepth: need 0 <= prior <= 1, memory >= 1, explore_every >= 0; got "
                              f"{prior}, {memory}, {explore_every}")
-        self.seconds = {b: list(s) for b, s in sorted(seconds.items())}
+        if not 0 < cost_rate <= 1 or prior_rows <= 0:
+            raise ValueError(f"AutoDepth: need 0 < cost_rate <= 1 and prior_rows > 0; got {cost_rate}, {prior_rows}")
+        self.measured = {b: list(s) for b, s in sorted(seconds.items())}
+        self.seconds: dict[int, list[float]] = {}  # per batch size met: the costs that steps update
         self.learn_costs, self.cost_rate = learn_costs, cost_rate
         self.max_depth = len(next(iter(seconds.values()))) - 1
         self.prior = [prior ** (j + 1) for j in range(self.max_depth)]
         self.prior_rows, self.keep, self.explore_every = prior_rows, 1 - 1 / memory, explore_every
         self.proposed = [0.0] * self.max_depth
         self.accepted = [0.0] * self.max_depth
-        self.choices = 0
+        self.choices = self.explorations = 0
 
     def acceptance(self) -> list[float]:
         """The running estimate of P(draft j accepted and taken), j = 0..Kmax-1."""
@@ -107,8 +113,17 @@ class AutoDepth:
         return [(a + w * p) / (n + w) for a, n, p in zip(self.accepted, self.proposed, self.prior)]
 
     def costs(self, batch: int) -> list[float]:
-        """Step seconds at K = 0..Kmax for this batch: the smallest measured batch >= it, or the largest."""
-        return next((s for b, s in self.seconds.items() if b >= batch), self.seconds[max(self.seconds)])
+        """Step seconds at K = 0..Kmax for this batch size: its own once a step ran at it, else
+        interpolated linearly between the measured sizes around it (the nearest beyond them)."""
+        if batch in self.seconds:
+            return self.seconds[batch]
+        sizes = list(self.measured)
+        below = max((b for b in sizes if b <= batch), default=sizes[0])
+        above = min((b for b in sizes if b >= batch), default=sizes[-1])
+        if below == above:
+            return list(self.measured[below])
+        w = (batch - below) / (above - below)
+        return [(1 - w) * lo + w * hi for lo, hi in zip(self.measured[below], self.measured[above])]
 
     def best(self, batch: int) -> int:
         """The K with the most expected tokens per second at this batch (the shallower on a tie)."""
@@ -120,14 +135,17 @@ class AutoDepth:
     def choose(self, batch: int) -> int:
         self.choices += 1
         k = self.best(batch)
-        if k < self.max_depth and self.explore_every and self.choices % self.explore_every == 0:
-            return self.max_depth
+        if self.max_depth and self.explore_every and self.choices % self.explore_every == 0:
+            turn = [self.max_depth, *range(self.max_depth)]
+            others = [d for d in turn if d != k]
+            self.explorations += 1
+            return others[(self.explorations - 1) % len(others)]
         return k
 
     def observe_cost(self, batch: int, depth: int, seconds: float) -> None:
         """A decode step of `batch` rows at depth K took `seconds`."""
         if self.learn_costs:
-            costs = self.costs(batch)
+            costs = self.seconds.setdefault(batch, self.costs(batch))
             costs[depth] += self.cost_rate * (seconds - costs[depth])
 
     def observe(self, depth: int, kept: list[int]) -> None:

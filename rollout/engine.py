@@ -78,6 +78,9 @@ class Engine:
         self.max_depth = cfg.num_nextn_predict_layers
         if c.max_batch < 1 or self.max_len < 2:
             raise ValueError(f"EngineConfig: need max_batch >= 1 and max_len >= 2, got {c.max_batch}, {self.max_len}")
+        if c.auto_depth and (c.depth_table or not 0 <= c.expected_acceptance <= 1):
+            raise ValueError("EngineConfig: auto_depth chooses K itself: give it no depth_table, and an "
+                             f"expected_acceptance in [0, 1] (got {c.expected_acceptance})")
         self.w = weight_io.allocate(cfg, self.device, self.dtype)
         weight_io.load(self.w, dict(weights), complete=True)
         self.version = version
@@ -99,6 +102,7 @@ class Engine:
         self._drafts = DraftCounts.zeros(Km)  # every request's, pooled (Metrics)
         self.fixed_depth: int | None = None  # set: every step drafts this many tokens, whatever else says
         self.auto: AutoDepth | None = None
+        self.last_decode_seconds = 0.0
         if c.auto_depth:
             self.auto = AutoDepth(measure_step_costs(self), prior=c.expected_acceptance)
 
@@ -177,7 +181,7 @@ class Engine:
                  depth: int | None = None) -> tuple[list[Completion], Metrics]:
         """Sample every prompt (token-id lists) to completion. Returns completions ordered by
         prompt, then sample index, and the call's metrics. `depth` fixes K for this call
-        instead of the depth table. All input is checked before any request is queued."""
+        instead of auto or the depth table. All input is checked before any request is queued."""
         if isinstance(prompts, torch.Tensor) or (prompts and isinstance(prompts[0], int)):
             raise ValueError("prompts must be a list of token-id lists (one per prompt)")
         params = params or SamplingParams()
@@ -230,8 +234,9 @@ class Engine:
         start = time.perf_counter()
         n_acc, out, logprobs = self.state.decode(n, K, min(bound, self.cache.max_len), greedy, top_k, top_p, lengths)
         n_acc, out, logprobs = n_acc.tolist(), out.tolist(), logprobs.tolist()  # the host sync
+        self.last_decode_seconds = time.perf_counter() - start  # what AutoDepth weighs
         if self.auto is not None:
-            self.auto.observe_cost(n, K, time.perf_counter() - start)
+            self.auto.observe_cost(n, K, self.last_decode_seconds)
         self._stats.update(steps=1, busy=n, **{f"depth{K}": 1})
         done_rows, kept = [], []
         for r in range(n):

@@ -151,8 +151,9 @@ class Rollout:
                         "reward/mean": sum(rewards) / len(rewards)})
         for j, a in enumerate(stats.acceptance_per_position):
             metrics[f"rollout/acceptance_{j}"] = a
-        if stats.depth_steps:  # the K each decode step drafted (rl.spec_depth=auto moves it)
-            metrics["rollout/mean_depth"] = sum(k * n for k, n in stats.depth_steps.items()) / sum(stats.depth_steps.values())
+        steps = sum(stats.depth_steps.values())
+        if steps:  # the K each decode step drafted (rl.spec_depth=auto moves it)
+            metrics["rollout/mean_depth"] = sum(k * n for k, n in stats.depth_steps.items()) / steps
         metrics.update(draft_metrics([rows[c.prompt_index][0] for c in completions], [c.drafts for c in completions]))
         for domain in sorted({s.domain for s in samples}):
             mine = [s.reward for s in samples if s.domain == domain]

@@ -33,12 +33,14 @@ def test_the_whole_pipeline_runs_and_reports(tmp_path):
     assert summary["tokens"]["mopd"] > 0 and all(summary["tokens"][f"teacher_{d}"] > 0 for d in DOMAINS)
     assert (out / "export" / "config.json").is_file()
     spec = summary["speculative"]
-    assert spec["K=0"]["mean_accept_length"] == 1.0
-    assert 1.0 <= spec["K=3"]["mean_accept_length"] <= 4.0 and len(spec["K=3"]["acceptance_per_position"]) == 3
+    assert spec["K=0"]["last_round_accept_length"] == 1.0 and spec["K=0"]["depth_steps_all_rounds"].keys() == {"0"}
+    k3 = spec["K=3"]
+    assert 1.0 <= k3["last_round_accept_length"] <= 4.0 and len(k3["last_round_acceptance_per_position"]) == 3
     # K = 0, K = 3 and auto, interleaved over three rounds, auto held against the better fixed depth.
     assert all(len(spec[m]["rounds_tokens_per_s"]) == 3 for m in ("K=0", "K=3", "auto"))
-    assert spec["auto_vs_best"]["best_fixed"] in ("K=0", "K=3") and spec["auto_vs_best"]["ratio"] > 0
-    assert sum(spec["auto"]["depth_steps"].values()) > 0
+    cmp = spec["auto_vs_best"]
+    assert cmp["best_fixed"] in ("K=0", "K=3") and cmp["ratio"] > 0 and len(cmp["ratio_per_round"]) == 3
+    assert sum(spec["auto"]["depth_steps_all_rounds"].values()) > 0
     report = (out / "report.md").read_text()
     assert "| auto |" in report and "| MOPD / teachers |" in report and "![evaluation](eval/eval.png)" in report
     # The figures name where they come from: the command, the commit and the machine.

@@ -71,3 +71,23 @@ def test_an_rl_run_with_auto_depth_stays_on_policy(rl_data, student_init, teache
     for row in rows.values():
         assert abs(row["rl/ratio_mean"] - 1) < 1e-4 and row["rl/is_masked_fraction"] == 0
         assert 0 <= row["rollout/mean_depth"] <= 3 and "rollout/accept_length" in row
+
+
+@pytest.mark.parametrize("depth", ["auto", "2"])
+def test_the_native_backend_builds_the_engine_the_setting_asks_for(depth):
+    """rl.spec_depth=auto: an engine that times its steps and chooses K itself; a number: a
+    fixed K and no auto (so the run above would not pass by drafting at a fixed depth)."""
+    from mimo_train.rl.rollout_backend import NativeRollout
+    from mimo_train.rollout import weights as weight_io
+    from mimo_train.training.config import load_config
+
+    config = load_config(["recipe=grpo", "model=tiny", "train.global_batch=8", "rl.prompts_per_step=4",
+                          "rl.group_size=2", f"rl.spec_depth={depth}"])
+    backend = NativeRollout(config, max_len=64)
+    weights = dict(weight_io.allocate(config.model, torch.device("cpu"), torch.float32).views)
+    backend._load(weights, version=1)
+    engine = backend.engine
+    if depth == "auto":
+        assert engine.auto is not None and engine.fixed_depth is None and sorted(engine.auto.measured) == [1, 2, 4, 8]
+    else:
+        assert engine.auto is None and engine.fixed_depth == 2

@@ -38,37 +38,45 @@ def test_older_steps_weigh_less():
 def test_the_depth_with_the_most_tokens_per_second_wins():
     """With acceptance [0.625, 0.375, 0.1875] a step yields 1, 1.625, 2.0, 2.1875 tokens at
     K = 0..3. Batch 1: per second 1, 1.477, 1.667, 1.683: K = 3. Batch 8: 1, 1.016, 0.909,
-    0.781: K = 1. A batch between measured sizes uses the next larger one's costs; one beyond
-    them the largest's."""
+    0.781: K = 1. Batch 2 interpolates 1/7 of the way to batch 8's costs (1, 1.171, 1.343,
+    1.514 s): 1, 1.387, 1.489, 1.445 tokens/s, K = 2; batch 5, 4/7 of the way (1, 1.386, 1.771,
+    2.157 s): K = 1; batch 20, beyond the measured sizes, takes batch 8's: K = 1."""
     auto = AutoDepth(COSTS, prior=0.5, prior_rows=4, memory=10 ** 9)
     auto.observe(3, [3, 1, 0, 2])
-    assert [auto.best(b) for b in (1, 2, 5, 8, 20)] == [3, 1, 1, 1, 1]
+    assert auto.costs(2) == pytest.approx([1.0, 1.1 + 0.5 / 7, 1.2 + 1.0 / 7, 1.3 + 1.5 / 7])
+    assert [auto.best(b) for b in (1, 2, 5, 8, 20)] == [3, 2, 1, 1, 1]
     rejected = AutoDepth(COSTS, prior=0.0)  # drafts never accepted: drafting only costs time
     assert [rejected.best(b) for b in (1, 8)] == [0, 0]
 
 
-def test_a_shallow_choice_still_measures_the_deep_drafts_now_and_then():
-    """Every 4th choice drafts at the deepest K when a shallower one won: otherwise the
-    acceptance of positions a shallow K never proposes would never be measured again."""
+def test_every_depth_is_tried_again_now_and_then():
+    """Every 4th choice runs another K than the best, in turn the deepest (whose drafts measure
+    every position), then 0, 1, 2, skipping the best: K = 0 wins here, so 3, 1, 2, 3; when K = 3
+    wins, 0, 1, 2. Otherwise a cost or an acceptance the best K never measures would never move."""
     auto = AutoDepth(COSTS, prior=0.0, explore_every=4)
-    assert [auto.choose(1) for _ in range(8)] == [0, 0, 0, 3, 0, 0, 0, 3]
+    assert [auto.choose(1) for _ in range(16)] == [0, 0, 0, 3, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3]
     deep = AutoDepth(COSTS, prior=1.0, explore_every=4)
-    assert [deep.choose(1) for _ in range(4)] == [3, 3, 3, 3]
+    assert [deep.choose(1) for _ in range(12)] == [3, 3, 3, 0, 3, 3, 3, 1, 3, 3, 3, 2]
 
 
 def test_step_costs_follow_the_steps_that_run():
-    """Hand-worked, cost_rate 0.5: batch 5 runs under batch 8's costs; a K = 1 step of 2.6 s moves
-    its 1.6 half-way, to 2.1, then a step of 0.1 s to 1.1; the other costs stay (and the table
-    the caller passed is not changed)."""
+    """Hand-worked, cost_rate 0.5. Batch 8 at K = 1: a step of 2.6 s moves its 1.6 half-way, to
+    2.1, a step of 0.1 s then to 1.1. Batch 5, never run before, starts from the costs
+    interpolated 4/7 of the way from batch 1's to batch 8's (K = 0: 1.0) and a step of 3.0 s at
+    K = 0 moves that to 2.0. Each batch size keeps its own costs; the measured table and the
+    caller's dict are not changed."""
     auto = AutoDepth(COSTS, cost_rate=0.5)
-    auto.observe_cost(5, 1, 2.6)
-    assert auto.seconds[8] == pytest.approx([1.0, 2.1, 2.2, 2.8])
+    auto.observe_cost(8, 1, 2.6)
+    assert auto.costs(8) == pytest.approx([1.0, 2.1, 2.2, 2.8])
     auto.observe_cost(8, 1, 0.1)
-    assert auto.seconds[8] == pytest.approx([1.0, 1.1, 2.2, 2.8]) and auto.seconds[1] == [1.0, 1.1, 1.2, 1.3]
-    assert COSTS[8] == [1.0, 1.6, 2.2, 2.8]
+    auto.observe_cost(5, 0, 3.0)
+    assert auto.costs(8) == pytest.approx([1.0, 1.1, 2.2, 2.8])
+    assert auto.costs(5) == pytest.approx([2.0, 1.1 + 0.5 * 4 / 7, 1.2 + 1.0 * 4 / 7, 1.3 + 1.5 * 4 / 7])
+    assert auto.costs(4) == pytest.approx([1.0, 1.1 + 0.5 * 3 / 7, 1.2 + 1.0 * 3 / 7, 1.3 + 1.5 * 3 / 7])
+    assert auto.measured == COSTS and COSTS[8] == [1.0, 1.6, 2.2, 2.8]
     frozen = AutoDepth(COSTS, learn_costs=False)
     frozen.observe_cost(1, 0, 9.0)
-    assert frozen.seconds[1] == [1.0, 1.1, 1.2, 1.3]
+    assert frozen.costs(1) == [1.0, 1.1, 1.2, 1.3]
 
 
 def test_bad_settings_are_refused():
@@ -76,6 +84,13 @@ def test_bad_settings_are_refused():
         AutoDepth({1: [1.0, 2.0], 2: [1.0]})
     with pytest.raises(ValueError, match="0 <= prior <= 1"):
         AutoDepth(COSTS, prior=1.5)
+    with pytest.raises(ValueError, match="prior_rows > 0"):
+        AutoDepth(COSTS, prior_rows=0)
+
+
+def test_the_engine_refuses_auto_with_a_depth_table(parity_model):
+    with pytest.raises(ValueError, match="auto_depth chooses K itself"):
+        Engine(parity_model.cfg, parity_model.weights, EngineConfig(device="cpu", auto_depth=True, depth_table={1: 3}))
 
 
 def wrong_drafts(model) -> dict:
@@ -116,13 +131,12 @@ def test_the_engine_follows_the_drafts_it_sees(parity_model, drafts):
 
 def test_costly_drafts_are_left_out(parity_model):
     """The same drafts, all right, but each drafted position costs two plain steps: K = 0 wins
-    (tokens per second 1, 2/3, 3/5, 4/7), and K = 3 runs only on exploration steps."""
+    (tokens per second 1, 2/3, 3/5, 4/7); other depths run only on exploration steps."""
     engine = Engine(parity_model.cfg, bigram_weights(parity_model), EngineConfig(device="cpu", max_batch=2, max_len=128))
     engine.auto = AutoDepth({1: [1.0, 3.0, 5.0, 7.0]}, prior=1.0, explore_every=8, learn_costs=False)
     prompt = random_prompts(parity_model.cfg, [5], seed=3)[0]
     _, metrics = engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=40))
-    steps = metrics.depth_steps
-    assert set(steps) == {0, 3} and steps[3] == (steps[0] + steps[3]) // 8
+    assert metrics.depth_steps[0] == metrics.steps - metrics.steps // 8  # every 8th step explores another K
 
 
 def test_a_wrong_start_up_cost_is_corrected_by_the_steps_that_run(parity_model):
@@ -137,7 +151,7 @@ def test_a_wrong_start_up_cost_is_corrected_by_the_steps_that_run(parity_model):
     prompt = random_prompts(parity_model.cfg, [5], seed=3)[0]
     _, metrics = engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=120))
     assert metrics.depth_steps[0] > 0.75 * metrics.steps and engine.auto.best(1) == 0
-    assert engine.auto.seconds[1][3] > 10 * wrong[1][3]
+    assert engine.auto.costs(1)[3] > 10 * wrong[1][3]
 
 
 def test_auto_depth_times_the_steps_at_start_up(parity_model):
@@ -145,8 +159,8 @@ def test_auto_depth_times_the_steps_at_start_up(parity_model):
     K = 0..3 for batches 1, 2 and max_batch 3; then it serves as usual."""
     engine = Engine(parity_model.cfg, parity_model.weights,
                     EngineConfig(device="cpu", max_batch=3, max_len=64, auto_depth=True))
-    assert sorted(engine.auto.seconds) == [1, 2, 3]
-    assert all(len(s) == 4 and all(t > 0 for t in s) for s in engine.auto.seconds.values())
+    assert sorted(engine.auto.measured) == [1, 2, 3]
+    assert all(len(s) == 4 and all(t > 0 for t in s) for s in engine.auto.measured.values())
     assert engine.n == 0 and not engine.waiting
     completions, _ = engine.generate(random_prompts(parity_model.cfg, [5], seed=1), SamplingParams(max_new_tokens=4))
     assert len(completions[0].tokens) == 4
