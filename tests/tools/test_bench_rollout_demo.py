@@ -59,3 +59,21 @@ def test_the_demo_reports_every_depths_held_out_accuracy(tmp_path, megatron_sing
     assert result["replicated_mtp_layer0"] is None  # two steps learn nothing
     assert (tmp_path / "demo" / "model.safetensors").exists()
     assert len(json.loads((tmp_path / "demo" / "bench_prompts.json").read_text())) == 16
+
+
+def test_the_restart_happens_inside_training_and_reaches_the_export(tmp_path, megatron_single, monkeypatch):
+    """train_demo itself calls the restart: with depths 2 and 3 declared unlearned after the first
+    step, a 1-step run reports it and exports MTP layers 1 and 2 equal to layer 0."""
+    from safetensors.torch import load_file
+
+    import tools.bench_rollout as bench
+
+    monkeypatch.setattr(bench, "unlearned_mtp_layers", lambda metrics, depths: [1, 2])
+    result = bench.train_demo(tmp_path / "demo", 1, 0.3, False, preset="tiny", progress=False)
+    assert result["replicated_mtp_layer0"] == {"step": 0, "layers": [1, 2]}
+    weights = load_file(str(tmp_path / "demo" / "model.safetensors"))
+    layer0 = {n.split("mtp.layers.0.", 1)[1]: t for n, t in weights.items() if "mtp.layers.0." in n}
+    assert len(layer0) > 10
+    for k in (1, 2):
+        for name, t in layer0.items():
+            assert torch.equal(weights[next(n for n in weights if n.endswith(f"mtp.layers.{k}.{name}"))], t), (k, name)
