@@ -46,12 +46,7 @@ ENGINE = dict(max_batch=2, max_len=64, dtype=torch.float32, device="cpu")
 QUANTISED = "model.layers.0.self_attn.q_proj.weight"  # a matrix the tests corrupt
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread avoids OpenMP spin-waits on a shared machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def stored(directory: Path) -> dict[str, torch.Tensor]:

@@ -10,7 +10,6 @@ import random
 import shutil
 
 import pytest
-import torch
 
 from mimo_train.data.packing import pretrain_document, sft_document
 from mimo_train.data.tasks import DOMAINS, generate, write_jsonl
@@ -28,13 +27,7 @@ def _tool():
     return module
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """A tiny model's decode is a stream of small ops: one thread avoids OpenMP spin-waits on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

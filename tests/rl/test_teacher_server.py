@@ -30,12 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FAST = dict(timeout_s=0.5, retries=2, backoff_s=0.01)  # 3 attempts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

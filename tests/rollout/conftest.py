@@ -1,17 +1,12 @@
 import pytest
-import torch
 
 from tests.rollout.rollout_utils import make_model
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Decoding a tiny model is a stream of small ops: one thread avoids OpenMP spin-waits that
-    make a busy 2-core machine ten times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
+    """Every module here decodes tiny models: one thread (tests/conftest.py)."""
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from mimo_train.rollout import Engine, EngineConfig, SamplingParams
 from tests.rollout.rollout_utils import full_forward_logits, make_model, random_prompts
@@ -25,13 +24,7 @@ spec.loader.exec_module(accept_law)
 K = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """A tiny model decodes as a stream of small ops: one thread avoids OpenMP spin-waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
