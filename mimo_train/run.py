@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
         line = error_line(err, user_errors, Rank0Failed)
         if line is None:
             raise  # a bug, not a user error: the traceback is the report
-        print(f"error: {line}", file=sys.stderr)
+        report(f"error: {line}\n")
         if os.environ.get("MIMO_TRACEBACK") == "1":
             traceback.print_exc()
         if seen_by_every_rank(err):
@@ -63,6 +63,19 @@ def main(argv: list[str]) -> int:
             dist.barrier()
         return 2
     return 0
+
+
+def report(text: str) -> None:
+    """Write `text` to stderr in one write(2): every rank shares torchrun's stderr pipe, and
+    print's two writes (text, then newline) let two ranks' lines run together on one line (seen
+    on CI). A pipe write under PIPE_BUF (4 KiB on Linux) is atomic; longer ones may interleave."""
+    sys.stderr.flush()
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a replaced stderr (pytest's capsys): no fd
+        sys.stderr.write(text)
+        return
+    os.write(fd, text.encode())
 
 
 def error_line(err: Exception, user_errors: tuple, rank0_failed: type) -> str | None:
