@@ -10,9 +10,11 @@ last kept token at position L its cache entry at t is final only once t+k+1 <= L
 positions > L-k-1 were computed from drafts (or, after prefill, from placeholders). The chain
 that drafts therefore reruns each layer over a block of the last B positions [L-B, L-1], which
 rewrites those entries and the positions kept since, and yields the outputs at L-1 the drafts are
-read from. The main model's final hidden states and the tokens of the last H positions are kept
-per row (`hist_h`, `hist_tok`) to feed it. The chain then runs exactly the training-time
-computation of each MTP layer, so acceptance matches the trained accuracy.
+read from. The main model's hidden states MTP layer 0 reads (`ModelConfig.mtp_feed`: after the
+final norm when chained; before it for target_hidden, where every layer reads them) and the
+tokens of the last H positions are kept per row (`hist_h`, `hist_tok`) to feed it. The chain
+then runs exactly the training-time computation of each MTP layer, so acceptance matches the
+trained accuracy.
 
 Exact whatever the depth history. A step at depth K < max_depth has no use for layers K.., and
 a K = 0 step for any; yet a later deeper draft needs their caches complete over the window. Two
@@ -50,6 +52,7 @@ class SlotState:
         self.device, self.dtype, self.max_depth = dev, dtype, Km
         # The longest block a chain may rerun (see the module docstring): 2 K_max + 1 positions.
         self.H = self.cache.ring - self.cache.window if Km else 0
+        self.chained = cfg.mtp_feed == "chained"  # else every MTP layer reads hist_h itself
         # Host-side: per row and MTP layer, the first position whose cache entry is not final.
         self.mtp_upto = torch.zeros(max_batch, Km, dtype=torch.long)
         self.length = torch.zeros(max_batch, dtype=torch.long, device=dev)  # tokens so far, incl. the last sampled
@@ -98,7 +101,7 @@ class SlotState:
         self.cache.reset_rows(rows)
         s = self.model.slots(rows, pos, prefill=True)
         routed = [] if self.routed is not None else None
-        h = self.model.forward(tokens, s, routed)
+        h, feed = self.model.forward_and_feed(tokens, s, routed)
         u = uniforms(self.keys[rows], self.counters[rows], 2 * Km + 1)
         self.counters[rows] += 1
         _, first, logprobs = speculative_verify(
@@ -109,12 +112,14 @@ class SlotState:
         seq = torch.cat([tokens, first[:, :1], torch.zeros(m, Km, dtype=torch.long, device=dev)], dim=1)
         self.hist_tok[rows, :H + 1] = seq[:, width - H:width + 1]
         if Km:
-            self.hist_h[rows] = h[:, width - H:]
+            self.hist_h[rows] = feed[:, width - H:]
             # MTP caches over the prompt; layer k's entries past L-k-1 (L = len(prompt), the
             # first sampled token) read placeholder drafts (zeros) and are not final yet.
             sm = self.model.slots(rows, pos, prefill=True, mtp=True)
+            h = feed
             for k in range(Km):
-                h = self.model.mtp_layer(k, h, seq[:, k + 1:k + 1 + width], sm)
+                out = self.model.mtp_layer(k, h, seq[:, k + 1:k + 1 + width], sm)
+                h = out if self.chained else feed
             self.mtp_upto[rows] = torch.tensor([len(p) for p in prompts])[:, None] - torch.arange(Km)
         if routed is not None:
             idx = torch.where(pos >= 0, pos, self.cache.max_len)
@@ -165,13 +170,14 @@ class SlotState:
         pos = (self.length[:n] - 1 - B)[:, None] + torch.arange(B, device=self.device)
         s = self.model.slots(slice(0, n), pos, prefill=False, mtp=True)
         tok = self.hist_tok[:n, H - B:]  # tok[:, B] is the last kept token
-        h = self.hist_h[:n, H - B:]
+        h = feed = self.hist_h[:n, H - B:]
         drafts, probs = [], []
         for k in range(layers):
-            h = self.model.mtp_layer(k, h, tok[:, k + 1:k + 1 + B], s)
+            out = self.model.mtp_layer(k, h, tok[:, k + 1:k + 1 + B], s)
+            h = out if self.chained else feed
             if k >= K:
                 continue
-            logits = self.model.logits(h[:, -1])
+            logits = self.model.logits(out[:, -1])
             if u is None:
                 d = logits.argmax(-1)
             else:
@@ -190,7 +196,7 @@ class SlotState:
         pos = (self.length[:n] - 1)[:, None] + torch.arange(K + 1, device=dev)
         s = self.model.slots(slice(0, n), pos, prefill=False, bound=bound)
         routed = [] if self.routed is not None else None
-        h = self.model.forward(self.hist_tok[:n, H:H + K + 1], s, routed)
+        h, feed = self.model.forward_and_feed(self.hist_tok[:n, H:H + K + 1], s, routed)
         n_acc, out, logprobs = speculative_verify(
             self.model.logits(h), drafts, draft_probs, self.temperature[:n], top_k, top_p,
             u[:, Km:Km + K + 1] if u is not None else None, greedy=u is None)
@@ -199,7 +205,7 @@ class SlotState:
         shift = (n_acc + 1)[:, None]
         if Km:
             window = shift + torch.arange(H, device=dev)
-            hist = torch.cat([self.hist_h[:n], h.to(self.dtype)], dim=1)
+            hist = torch.cat([self.hist_h[:n], feed.to(self.dtype)], dim=1)
             self.hist_h[:n] = hist.gather(1, window[..., None].expand(-1, -1, hist.shape[-1]))
         toks = torch.cat([self.hist_tok[:n, :H + 1], out.clamp(min=0)], dim=1)
         self.hist_tok[:n, :H + 1] = toks.gather(1, shift + torch.arange(H + 1, device=dev))

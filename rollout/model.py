@@ -10,7 +10,8 @@ MiMoV2FlashTopkRouter (the serving reference).
 
 MTP layer k (megatron / vLLM semantics, as tests/model/test_mtp.py pins down): at position t it
 takes h_k(t) -- the main model's final-normed hidden for k = 0, else MTP layer k-1's output
-after its final_layernorm -- and the token at t+k+1, computes
+after its final_layernorm (cfg.mtp_feed "chained"; with "target_hidden" every layer takes the
+main model's hidden before its final norm instead) -- and the token at t+k+1, computes
 eh_proj(cat(enorm(embed(token)), hnorm(h_k))), one SWA block with a dense FFN, and
 final_layernorm; lm_head of the result predicts the token at t+k+2. RoPE uses position t.
 
@@ -210,6 +211,12 @@ class InferenceModel:
     def forward(self, tokens: torch.Tensor, s: Slots, routed: list | None = None) -> torch.Tensor:
         """Main model over tokens [n, len] in cache rows s.rows -> final-normed hidden
         [n, len, hidden]. With a list `routed`, appends each MoE layer's experts [n, len, k]."""
+        return self.forward_and_feed(tokens, s, routed)[0]
+
+    def forward_and_feed(self, tokens: torch.Tensor, s: Slots,
+                         routed: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward`, and the hidden state MTP layer 0 reads at each position: the final-normed
+        one (chained) or the one before the final norm (target_hidden)."""
         x = F.embedding(tokens.clamp(min=0), self.w.embed)
         for i, b in enumerate(self.w.layers):
             kind = "swa" if b.swa else "global"
@@ -218,11 +225,13 @@ class InferenceModel:
                                                       s.k_pos[kind], *s.rope[kind], s.bound, s.prefill, s.hidden[kind])
             if routed is not None and experts is not None:
                 routed.append(experts)
-        return rms_norm(x, self.w.norm, self.eps)
+        h = rms_norm(x, self.w.norm, self.eps)
+        return h, (x if self.cfg.mtp_feed == "target_hidden" else h)
 
     def mtp_layer(self, k: int, h: torch.Tensor, tokens: torch.Tensor, s: Slots) -> torch.Tensor:
         """MTP layer k at the block's positions t: h = h_k(t) [n, len, hidden], tokens [n, len]
-        = the tokens at t+k+1. Returns h_{k+1} (after final_layernorm)."""
+        = the tokens at t+k+1. Returns the layer's output (after final_layernorm): h_{k+1} when
+        chained."""
         k_cache, v_cache = self.cache.mtp[k]
         return self.mtp_kernel(h, F.embedding(tokens.clamp(min=0), self.w.embed), self.w.mtp[k], k_cache[s.rows],
                                v_cache[s.rows], s.write["mtp"], s.q_pos, s.k_pos["mtp"], *s.rope["mtp"], s.prefill,

@@ -19,6 +19,7 @@ import yaml
 
 GLOBAL, SWA = 0, 1  # values of `hybrid_layer_pattern`
 DENSE, MOE = 0, 1  # values of `moe_layer_freq`
+MTP_FEEDS = ("chained", "target_hidden")  # values of `mtp_feed`
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
 
@@ -59,6 +60,12 @@ class ModelConfig:
     topk_method: str = "noaux_tc"
     # MTP
     num_nextn_predict_layers: int = 3
+    # Which hidden state MTP layer k reads (docs/architecture.md, "Which hidden state feeds the
+    # chain"): "chained" = layer k-1's output after its final_layernorm (the main model's output
+    # after its final norm for k = 0): megatron-core's and vLLM's; "target_hidden" = the main
+    # model's hidden state *before* its final norm, for every layer: SGLang's multi-layer MiMo
+    # path. Not in the release config.json: absent means chained.
+    mtp_feed: str = "chained"
     # Generic
     layernorm_epsilon: float = 1e-5
     max_position_embeddings: int = 262144
@@ -109,6 +116,7 @@ class ModelConfig:
             need(1 <= self.topk_group <= self.n_group, "topk_group must be in [1, n_group]")
         need(self.scoring_func == "sigmoid", f"only scoring_func 'sigmoid' is supported, got {self.scoring_func!r}")
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0")
+        need(self.mtp_feed in MTP_FEEDS, f"mtp_feed must be one of {MTP_FEEDS}, got {self.mtp_feed!r}")
         need(not self.tie_word_embeddings, "tie_word_embeddings must be false (MiMo-V2-Flash unties them)")
         need(self.hidden_act == "silu", f"only hidden_act 'silu' (SwiGLU) is supported, got {self.hidden_act!r}")
 

@@ -6,7 +6,11 @@ for inference, or per-token losses, shifted loss masks and top-1 hits per depth 
 so the trainer weights and logs them itself.
 
 Depth 0 is the main model (predicts token t+1 at position t); depth k >= 1 is MTP layer k-1
-(predicts token t+k+1 from the previous depth's hidden state and the embedding of token t+k).
+(predicts token t+k+1 from a hidden state at t and the embedding of token t+k). Which hidden
+state is `ModelConfig.mtp_feed`: "chained" runs megatron's MTP block (each layer reads the
+previous depth's output after its final_layernorm); "target_hidden" runs the same layers
+unchained, each reading the main model's hidden state before its final norm (SGLang's
+multi-layer MiMo path, docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -64,6 +68,32 @@ class MiMoGPTModel(GPTModel):
     # embedding or the output layer (their loss reaches only the MTP layers).
     logit_temperature: float = 1.0
     detach_mtp: bool = False
+    mtp_feed: str = "chained"  # build_model sets it from ModelConfig.mtp_feed
+    _pre_norm: torch.Tensor | None = None  # target_hidden: the decoder's input to its final norm
+
+    def keep_pre_norm_hidden(self) -> None:
+        """target_hidden needs the main model's hidden state before the final norm, which
+        megatron's TransformerBlock applies inside; a pre-hook keeps the norm's input."""
+        if self.decoder.final_layernorm is None:
+            raise ValueError("mtp_feed=target_hidden needs the MTP layers on the pipeline stage that holds the "
+                             "final norm; use mtp_feed=chained with this layout")
+
+        def keep(_module, args):
+            self._pre_norm = args[0]
+        self.decoder.final_layernorm.register_forward_pre_hook(keep)
+
+    def _mtp_from_target(self, trunk, input_ids, position_ids, embedding, **kwargs) -> torch.Tensor:
+        """target_hidden: every MTP layer reads the same hidden state (megatron's block would
+        chain them); each layer rolls the token ids and positions one further, as in the block.
+        Returns [trunk; depth 1; ...; depth K] concatenated on the sequence dim, as the block."""
+        feed, self._pre_norm = self._pre_norm, None  # this forward's; not kept past it
+        feed = feed.detach() if self.detach_mtp else feed
+        depths = [trunk]
+        for layer in self.mtp.layers:
+            out, input_ids, position_ids = layer(input_ids=input_ids, position_ids=position_ids, hidden_states=feed,
+                                                 embedding=embedding, **kwargs)
+            depths.append(out)
+        return torch.cat(depths, dim=0)
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, labels=None, loss_mask=None,
                 packed_seq_params=None, decoder_input=None, **kwargs) -> MiMoOutput | torch.Tensor:
@@ -83,12 +113,16 @@ class MiMoGPTModel(GPTModel):
             embedding = self.embedding
             if self.detach_mtp:
                 embedding = lambda **kw: self.embedding(**kw).detach()  # noqa: E731
-            hidden_states = self.mtp(
-                input_ids=input_ids, position_ids=position_ids,
-                hidden_states=trunk.detach() if self.detach_mtp else trunk,
-                attention_mask=attention_mask, inference_params=inference_params, rotary_pos_emb=rotary_pos_emb,
-                rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin, packed_seq_params=packed_seq_params,
-                sequence_len_offset=sequence_len_offset, embedding=embedding, **(extra_block_kwargs or {}))
+            common = dict(attention_mask=attention_mask, inference_params=inference_params,
+                          rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
+                          packed_seq_params=packed_seq_params, sequence_len_offset=sequence_len_offset,
+                          **(extra_block_kwargs or {}))
+            if self.mtp_feed == "target_hidden":
+                hidden_states = self._mtp_from_target(trunk, input_ids, position_ids, embedding, **common)
+            else:
+                hidden_states = self.mtp(input_ids=input_ids, position_ids=position_ids,
+                                         hidden_states=trunk.detach() if self.detach_mtp else trunk,
+                                         embedding=embedding, **common)
         if not self.post_process:
             return hidden_states
 
@@ -130,7 +164,7 @@ def build_model(cfg: ModelConfig, opt: MegatronOptions | None = None, *, vp_stag
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    return MiMoGPTModel(
+    model = MiMoGPTModel(
         config=config,
         transformer_layer_spec=decoder_block_spec(cfg, config, vp_stage),
         vocab_size=cfg.vocab_size,
@@ -142,6 +176,10 @@ def build_model(cfg: ModelConfig, opt: MegatronOptions | None = None, *, vp_stag
         mtp_block_spec=mtp_block_spec(cfg, config, vp_stage),
         vp_stage=vp_stage,
     )
+    model.mtp_feed = cfg.mtp_feed
+    if cfg.mtp_feed == "target_hidden" and model.mtp_process:
+        model.keep_pre_norm_hidden()
+    return model
 
 
 __all__ = ["MiMoGPTModel", "MiMoOutput", "build_model", "roll_left"]

@@ -148,6 +148,9 @@ class RunConfig:
                 _need(depth != "auto" or self.rollout.backend == "native",
                       "rl.spec_depth=auto needs rollout.backend=native: a vLLM server's draft depth is fixed when "
                       "it starts; set rl.spec_depth to a number for rollout=vllm")
+                _need(self.model.mtp_feed == "chained" or self.rollout.backend == "native" or depth == 0,
+                      "model.mtp_feed=target_hidden drafts only with rollout.backend=native: vLLM chains the MTP "
+                      "layers; set rl.spec_depth=0 to roll out on vLLM without drafts")
                 _need(depth in (None, "auto") or depth <= mtp,
                       f"rl.spec_depth={depth} is more than the model's {mtp} MTP layers "
                       f"(model.num_nextn_predict_layers): set rl.spec_depth to 0..{mtp}, or null for all of them")

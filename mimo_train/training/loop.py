@@ -17,6 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from mimo_train.data.dataset import DataLoader, PackedDataset
+from mimo_train.model.config import ModelConfig
 from mimo_train.parallel.layout import Layout
 from mimo_train.parallel.setup import init_distributed
 from mimo_train.training import checkpoint
@@ -52,6 +53,9 @@ def stop_agreed(requested: bool, device: torch.device) -> bool:
 
 
 def _model_mismatch(saved: dict, current: dict) -> list[str]:
+    # A field added since the checkpoint was saved (mtp_feed) reads as its default.
+    saved = {**{f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING},
+             **saved}
     return [f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
 

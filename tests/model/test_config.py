@@ -83,3 +83,15 @@ def test_routing_megatron_cannot_match_is_refused(override, message):
 
     with pytest.raises(ValueError, match=message):
         transformer_config(ModelConfig.preset("tiny", **override))
+
+
+def test_mtp_feed_is_written_to_config_json_and_absent_means_chained(tmp_path):
+    from mimo_train.convert.serving import hub_config
+
+    cfg = ModelConfig.preset("tiny", mtp_feed="target_hidden")
+    cfg.save(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert raw["mtp_feed"] == "target_hidden" and ModelConfig.from_json(tmp_path) == cfg
+    assert hub_config(cfg, dtype="bf16", mtp=True, fp8_block=None)["mtp_feed"] == "target_hidden"  # export's file
+    del raw["mtp_feed"]  # the release's config.json has no such key
+    assert ModelConfig.from_hub_dict(raw).mtp_feed == "chained"

@@ -8,6 +8,7 @@ eh_proj(cat(enorm(emb), hnorm(h))), runs one pre-norm block of SWA attention wit
 dense SwiGLU FFN, applies final_layernorm, and the shared lm_head gives the logits.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -58,10 +59,24 @@ def swa_block_attention(x, w, cfg: ModelConfig):
     return out.reshape(b, s, nh * dv) @ w["self_attn.o_proj.weight"].T
 
 
+def main_hidden(hf, ids, feed: str = "chained") -> torch.Tensor:
+    """What MTP layer 0 reads: transformers' last hidden state after its final norm (chained),
+    or the input of that norm (target_hidden), caught by a hook on transformers' own module."""
+    kept = []
+    hook = hf.model.norm.register_forward_pre_hook(lambda _m, args: kept.append(args[0]))
+    try:
+        after = hf.model(ids).last_hidden_state
+    finally:
+        hook.remove()
+    return after if feed == "chained" else kept[0]
+
+
 def reference_mtp_logits(hf, weights, cfg: ModelConfig, ids, *, grad: bool = False):
+    """Per MTP depth, lm_head logits of the chain (cfg.mtp_feed chained) or of every layer on
+    the main model's pre-norm hidden state (target_hidden)."""
     eps = cfg.layernorm_epsilon
     with torch.set_grad_enabled(grad):
-        h = hf.model(ids).last_hidden_state  # after the main model's final norm
+        h = feed = main_hidden(hf, ids, cfg.mtp_feed)
         tokens, logits = ids, []
         for k in range(cfg.num_nextn_predict_layers):
             w = {n.removeprefix(f"model.mtp.layers.{k}."): t for n, t in weights.items()
@@ -72,8 +87,9 @@ def reference_mtp_logits(hf, weights, cfg: ModelConfig, ids, *, grad: bool = Fal
             x = x + swa_block_attention(rms(x, w["input_layernorm.weight"], eps), w, cfg)
             m = rms(x, w["pre_mlp_layernorm.weight"], eps)
             x = x + (F.silu(m @ w["mlp.gate_proj.weight"].T) * (m @ w["mlp.up_proj.weight"].T)) @ w["mlp.down_proj.weight"].T
-            h = rms(x, w["final_layernorm.weight"], eps)
-            logits.append(hf.lm_head(h))
+            out = rms(x, w["final_layernorm.weight"], eps)
+            logits.append(hf.lm_head(out))
+            h = out if cfg.mtp_feed == "chained" else feed
     return logits
 
 
@@ -98,16 +114,16 @@ def random_mtp_weights(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("depth", [1, 2, 3])
-def test_mtp_logits_match_reference_chain(tmp_path, megatron_single, depth):
-    cfg = random_config(10 + depth, mtp=depth)
+@pytest.mark.parametrize("depth, feed", [(1, "chained"), (2, "chained"), (3, "chained"), (3, "target_hidden")])
+def test_mtp_logits_match_reference_chain(tmp_path, megatron_single, depth, feed):
+    cfg = dataclasses.replace(random_config(10 + depth, mtp=depth), mtp_feed=feed)
     hf = hf_model(cfg)
     hf.save_pretrained(tmp_path / "hf")
     weights = {**load_file(str(tmp_path / "hf" / "model.safetensors")), **random_mtp_weights(cfg)}
     write_serving_dir(tmp_path, cfg, weights)
 
     ours = mimo_train.load_hf(tmp_path)
-    assert ours.config.num_nextn_predict_layers == depth
+    assert ours.config.num_nextn_predict_layers == depth and ours.config.mtp_feed == feed  # read from config.json
     ids = torch.randint(0, cfg.vocab_size, (2, SEQ))
     got = ours.all_logits(ids)
     expected = reference_mtp_logits(hf, weights, cfg, ids)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.model import tp_worker
@@ -14,13 +15,16 @@ from tests.model import tp_worker
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_tp2_logits_equal_one_process(tmp_path, megatron_single):
+@pytest.mark.parametrize("feed", ["chained", "target_hidden"])
+def test_tp2_logits_equal_one_process(tmp_path, megatron_single, feed):
+    """With target_hidden the MTP layers read the decoder's pre-norm hidden state, sequence-
+    parallel under TP like the normed one."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "29517", "tests/model/tp_worker.py",
-                    str(tmp_path / "tp2.pt"), "2"], cwd=ROOT, check=True, capture_output=True)
+                    str(tmp_path / "tp2.pt"), "2", feed], cwd=ROOT, check=True, capture_output=True)
     saved = torch.load(tmp_path / "tp2.pt")
     parallel = saved["logits"]
-    single = tp_worker.logits(tp=1)
+    single = tp_worker.logits(tp=1, feed=feed)
     assert len(parallel) == len(single) == 4
     for depth, (a, b) in enumerate(zip(parallel, single)):
         assert a.shape == b.shape

@@ -17,6 +17,9 @@ BASE = ["recipe=grpo", "model=tiny", "train.global_batch=8", "rl.prompts_per_ste
     ("rl.spec_depth=deep", r"rl.spec_depth='deep': use an int >= 0 .*, null .* or auto"),
     # A vLLM server drafts at the depth it was started with: auto cannot move it per step.
     ("rl.spec_depth=auto rollout=vllm", r"rl.spec_depth=auto needs rollout.backend=native"),
+    # vLLM (and our plugin) chain the MTP layers: drafts of a target_hidden model would be wrong.
+    ("model.mtp_feed=target_hidden rollout=vllm", r"model.mtp_feed=target_hidden drafts only with rollout.backend=native"),
+    ("model.mtp_feed=sideways", r"mtp_feed must be one of \('chained', 'target_hidden'\), got 'sideways'"),
 ])
 def test_refused(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -34,3 +37,9 @@ def test_mopd_needs_one_teacher_per_domain():
 @pytest.mark.parametrize("depth,value", [("0", 0), ("3", 3), ("null", None), ("auto", "auto")])
 def test_spec_depth_up_to_the_mtp_layers_or_auto(depth, value):
     assert load_config(BASE + [f"rl.spec_depth={depth}"]).rl.spec_depth == value
+
+
+def test_target_hidden_rolls_out_on_vllm_without_drafts_or_natively():
+    assert load_config(BASE + ["model.mtp_feed=target_hidden", "rollout=vllm", "rl.spec_depth=0"]).model.mtp_feed \
+        == "target_hidden"
+    assert load_config(BASE + ["model.mtp_feed=target_hidden"]).rollout.backend == "native"

@@ -1,7 +1,8 @@
 """The MTP drafts are exactly the chain a plain decoder computes, whatever depths ran before.
 
 The oracle below keeps no cache: for a history of tokens 0..L (L the last kept token) it runs
-transformers' main model over tokens 0..L-1 (the final-normed hidden h_0 at every position),
+transformers' main model over tokens 0..L-1 (the final-normed hidden h_0 at every position;
+its input, for every layer, under mtp_feed=target_hidden),
 then MTP layer k over every position t = 0..L-1 with the token at t+k+1 -- real tokens, then
 the drafts of layers 0..k-1 at L+1..L+k -- in plain PyTorch (tests/model/test_mtp.py's
 attention), the greedy draft k being the argmax of lm_head at position L-1. The engine's MTP
@@ -22,7 +23,7 @@ from safetensors.torch import load_file
 
 from mimo_train.rollout import Engine, EngineConfig, SamplingParams
 from tests.model.hf_utils import hf_model, random_config
-from tests.model.test_mtp import random_mtp_weights, rms, swa_block_attention
+from tests.model.test_mtp import main_hidden, random_mtp_weights, rms, swa_block_attention
 from tests.rollout.rollout_utils import RandomModel, random_prompts
 
 TOL = 1e-5
@@ -38,7 +39,7 @@ def mtp_weights(weights: dict[str, torch.Tensor], k: int) -> dict[str, torch.Ten
 def reference_drafts(hf, weights, cfg, history: list[int], depth: int) -> tuple[torch.Tensor, list[int]]:
     """MTP outputs at the last kept position's predecessor, [depth, hidden], and greedy drafts."""
     last = len(history) - 1
-    h = hf.model(torch.tensor([history[:last]])).last_hidden_state  # h_0 at positions 0..last-1
+    h = feed = main_hidden(hf, torch.tensor([history[:last]]), cfg.mtp_feed)  # positions 0..last-1
     seq, outs, drafts, eps = list(history), [], [], cfg.layernorm_epsilon
     for k in range(depth):
         w = mtp_weights(weights, k)
@@ -47,10 +48,11 @@ def reference_drafts(hf, weights, cfg, history: list[int], depth: int) -> tuple[
         x = x + swa_block_attention(rms(x, w["input_layernorm.weight"], eps), w, cfg)
         m = rms(x, w["pre_mlp_layernorm.weight"], eps)
         x = x + (F.silu(m @ w["mlp.gate_proj.weight"].T) * (m @ w["mlp.up_proj.weight"].T)) @ w["mlp.down_proj.weight"].T
-        h = rms(x, w["final_layernorm.weight"], eps)
-        drafts.append(int(hf.lm_head(h[0, -1]).argmax()))
+        out = rms(x, w["final_layernorm.weight"], eps)
+        drafts.append(int(hf.lm_head(out[0, -1]).argmax()))
         seq.append(drafts[-1])
-        outs.append(h[0, -1])
+        outs.append(out[0, -1])
+        h = out if cfg.mtp_feed == "chained" else feed
     return torch.stack(outs) if outs else torch.zeros(0, cfg.hidden_size), drafts
 
 
@@ -123,6 +125,29 @@ def test_the_oracle_is_the_fresh_engine(parity_model):
 def test_drafts_are_exact_after_a_depth_change(parity_model, depths):
     """The window is 5 and the rings hold 12 positions: 30 steps wrap them several times."""
     assert max(run_depths(parity_model, depths)) <= TOL
+
+
+@pytest.fixture(params=["chained", "target_hidden"])
+def fed_model(request, parity_model):
+    """The parity model read under each MTP feed (same weights)."""
+    return dataclasses.replace(parity_model, cfg=dataclasses.replace(parity_model.cfg, mtp_feed=request.param))
+
+
+def test_drafts_are_exact_under_either_feed(fed_model):
+    """Chained or unchained (every layer reads the main model's pre-norm hidden), the same cache
+    rules hold: exact after depth changes, with the rings wrapped."""
+    assert max(run_depths(fed_model, [0] * 12 + [3] * 6 + [1] * 6 + [3])) <= TOL
+
+
+def test_the_feeds_draft_differently(parity_model):
+    """The control: the same weights drafted chained and from the target hidden differ by far
+    more than the tolerance, so the oracle tells the two apart."""
+    chained, other = parity_model, dataclasses.replace(
+        parity_model, cfg=dataclasses.replace(parity_model.cfg, mtp_feed="target_hidden"))
+    history = random_prompts(parity_model.cfg, [20], seed=4)[0]
+    a, _ = reference_drafts(chained.hf, chained.weights, chained.cfg, history, 3)
+    b, _ = reference_drafts(other.hf, other.weights, other.cfg, history, 3)
+    assert (a - b).abs().max() > 100 * TOL
 
 
 def test_drafts_are_exact_at_every_step_of_random_depths(parity_model):

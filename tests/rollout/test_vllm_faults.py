@@ -1,6 +1,7 @@
 """A vLLM server that cannot start says why in one error naming its command and its log, and
 leaves nothing running: a port in use or a missing vLLM environment before anything starts, a
-bad model directory or a KV cache larger than the machine once vLLM has tried."""
+bad model directory, a KV cache larger than the machine or MTP drafts of a model our drafter
+cannot compute (mtp_feed=target_hidden) once vLLM has tried."""
 
 import json
 import socket
@@ -37,12 +38,17 @@ def test_a_missing_vllm_environment_names_make_setup(spec, tmp_path):
 @pytest.mark.parametrize("fault,expected", [
     ("bad_model_dir", r"vLLM server did not start \(exit code \d+\): \w+Error: .*; command `.*--model .*` \(log: .*server.log\)"),
     ("out_of_memory", r"vLLM server did not start .*Available memory.*; command `.*--kv-cache-memory-bytes .*`"),
-], ids=["bad-model-dir", "out-of-memory"])
+    # Our drafter (like vLLM's) chains the MTP layers: a model trained unchained is refused.
+    ("target_hidden", r"vLLM server did not start .*mtp_feed='target_hidden'.*chains the MTP layers"),
+], ids=["bad-model-dir", "out-of-memory", "target-hidden-drafts"])
 def test_a_server_that_fails_to_start_says_why_and_leaves_nothing(fault, expected, spec):
     need_vllm()
-    s = spec()
+    s = spec(spec_depth=3) if fault == "target_hidden" else spec()
     if fault == "bad_model_dir":
         (s.model / "config.json").write_text(json.dumps({"architectures": ["NotAModel"], "model_type": "nope"}))
+    elif fault == "target_hidden":
+        config = json.loads((s.model / "config.json").read_text())
+        (s.model / "config.json").write_text(json.dumps({**config, "mtp_feed": "target_hidden"}))
     else:
         s.kv_cache_bytes = 1 << 50  # a petabyte
     server = VLLMServer(s).start()

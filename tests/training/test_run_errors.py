@@ -61,6 +61,21 @@ def test_checkpoint_of_a_different_model_is_refused(capsys, synthetic_data, tmp_
     assert (tmp_path / "checkpoints" / "latest").read_text() == "iter_0000001"
 
 
+def test_a_checkpoint_saved_before_a_model_field_existed_reads_it_as_its_default():
+    """Checkpoints saved before `mtp_feed` existed resume as chained, what they were trained as;
+    a checkpoint that says otherwise is a different model."""
+    import dataclasses
+
+    from mimo_train.model.config import ModelConfig
+    from mimo_train.training.loop import _model_mismatch
+
+    now = dataclasses.asdict(ModelConfig.preset("tiny"))
+    older = {k: v for k, v in now.items() if k != "mtp_feed"}
+    assert _model_mismatch(older, now) == []
+    assert _model_mismatch(older, {**now, "mtp_feed": "target_hidden"}) == \
+        ["mtp_feed: checkpoint 'chained' vs config 'target_hidden'"]
+
+
 def test_traceback_on_request(capsys, monkeypatch, synthetic_data, tmp_path):
     """The one line by default; MIMO_TRACEBACK=1 adds the traceback after it."""
     args = tiny_args(synthetic_data, tmp_path, "parallel.tp=3")

@@ -98,6 +98,11 @@ class ChainedPredictor(nn.Module):
         config = vllm_config.model_config.hf_config
         spec = vllm_config.speculative_config
         trained = int(getattr(spec.target_model_config.hf_config, "num_nextn_predict_layers", 1) or 1)
+        feed = getattr(spec.target_model_config.hf_config, "mtp_feed", "chained")
+        if feed != "chained":
+            raise ValueError(f"config.json says mtp_feed={feed!r}, but this drafter (like vLLM's own) chains the MTP "
+                             "layers: serve this checkpoint without speculative decoding, or with SGLang's "
+                             "multi-layer EAGLE, or draft with mimo_train's engine (rollout.backend=native)")
         if spec.num_speculative_tokens > trained:
             raise ValueError(f"num_speculative_tokens={spec.num_speculative_tokens} but the checkpoint has {trained} "
                              f"MTP layers: draft at most {trained} tokens (mimo_train_vllm's chained drafter)")
