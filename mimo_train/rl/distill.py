@@ -27,16 +27,21 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-LOSSES = ("sampled", "full", "topk")
 CHUNK = 1024  # positions per chunk: bounds the [positions, V / tp] temporaries
 
 
-def _tp_sum(x: torch.Tensor, group) -> torch.Tensor:
-    """Sum over the TP group; the gradient reaches each rank's addend unchanged."""
+def _tp_sum(x: torch.Tensor, group, *, shared_use: bool = True) -> torch.Tensor:
+    """Sum over the TP group. shared_use: every rank computes the same thing from the sum, so
+    each addend's gradient is the sum's (backward identity). Otherwise each rank uses the sum
+    with its own shard (the log-softmax normaliser), and the gradient of the sum is the total
+    over ranks (backward all-reduce)."""
     if group is None or group.size() == 1:
         return x
-    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+    from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                        reduce_from_tensor_model_parallel_region)
 
+    if not shared_use:
+        x = copy_to_tensor_model_parallel_region(x, group)  # forward identity, backward all-reduce
     return reduce_from_tensor_model_parallel_region(x.contiguous(), group)
 
 
@@ -47,7 +52,7 @@ def vocab_log_softmax(logits: torch.Tensor, group=None) -> torch.Tensor:
     top = z.detach().amax(-1, keepdim=True)
     if group is not None and group.size() > 1:
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-    total = _tp_sum(torch.exp(z - top).sum(-1, keepdim=True), group)
+    total = _tp_sum(torch.exp(z - top).sum(-1, keepdim=True), group, shared_use=False)
     return z - (top + total.log())
 
 
@@ -101,4 +106,7 @@ def dense_teacher(ids: torch.Tensor, logprobs: torch.Tensor, vocab_size: int) ->
     if ids.shape[-1] != vocab_size:
         raise ValueError(f"distill_loss=full needs the teacher's log-prob of every token: got {ids.shape[-1]} "
                          f"of {vocab_size} per position")
-    return torch.empty(ids.shape, dtype=torch.float32).scatter_(-1, ids, logprobs.float())
+    seen = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device).scatter_(-1, ids, True)
+    if not bool(seen.all()):  # a repeated id would leave another token's entry unwritten
+        raise ValueError("distill_loss=full: the teacher's ids at a position are not every token once")
+    return torch.empty(ids.shape, dtype=torch.float32, device=ids.device).scatter_(-1, ids, logprobs.float())

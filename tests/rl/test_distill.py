@@ -208,6 +208,10 @@ def test_dense_teacher_refuses_a_partial_topk():
     _, teacher, order = _random_case(3, 6, seed=3)
     with pytest.raises(ValueError, match=r"distill_loss=full needs the teacher's log-prob of every token: got 5 of 6"):
         distill.dense_teacher(order[:, :5], teacher.gather(-1, order[:, :5]), 6)
+    repeated = order.clone()
+    repeated[1, 0] = repeated[1, 1]  # six ids, one twice: another token's entry would stay unwritten
+    with pytest.raises(ValueError, match=r"not every token once"):
+        distill.dense_teacher(repeated, teacher.gather(-1, repeated), 6)
 
 
 def test_mismatched_teacher_shapes_are_one_clear_error():
@@ -283,11 +287,6 @@ def test_tp2_values_equal_one_process(tp2, one_process):
             close(got[key], one_process[key])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "distill.vocab_log_softmax reduces the softmax normaliser with megatron's reduce_from (backward: "
-    "identity), but the normaliser feeds every rank's shard of log-probs, so its gradient must be "
-    "summed over the ranks (fix: wrap the reduced total in copy_to_tensor_model_parallel_region); "
-    "remove this mark with the fix"))
 def test_tp2_gradients_equal_one_process(tp2, one_process):
     """The ranks' gradients wrt their logit shards, side by side, are the one-process gradient."""
     for key in ("full_grad", "topk_grad"):
