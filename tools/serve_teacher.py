@@ -29,20 +29,27 @@ def make_server(argv: list[str] | None = None):
     p.add_argument("--max-batch", type=int, default=8, help="sequences scored per forward")
     p.add_argument("--max-len", type=int, default=4096, help="longest prompt + response (capped by the model)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--max-top-numbers", type=int, default=None,
+                   help="top-k entries (response tokens x top_k) one request may ask for "
+                        "(default: MAX_TOP_NUMBERS in mimo_train/rl/teacher_server.py, 2M; /info states it and "
+                        "RemoteTeacher splits its calls under it)")
     p.add_argument("--verbose", action="store_true", help="log every request to stderr")
     a = p.parse_args(argv)
 
-    from mimo_train.rl.teacher_server import TeacherServer
+    from mimo_train.rl.teacher_server import MAX_TOP_NUMBERS, TeacherServer
     from mimo_train.rl.teachers import InProcessTeacher, TeacherSpec
     from mimo_train.rollout import EngineConfig
 
+    limit = MAX_TOP_NUMBERS if a.max_top_numbers is None else a.max_top_numbers
+    if limit < 1:
+        p.error(f"--max-top-numbers must be >= 1, got {limit}")
     name = a.name or Path(a.ckpt).resolve().name
     try:
         teacher = InProcessTeacher(TeacherSpec(name, domain="", checkpoint=a.ckpt),
                                    EngineConfig(max_batch=a.max_batch, max_len=a.max_len, device=a.device))
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"serve_teacher: {e}")
-    return TeacherServer(teacher, a.host, a.port, verbose=a.verbose)
+    return TeacherServer(teacher, a.host, a.port, verbose=a.verbose, max_top_numbers=limit)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -194,7 +194,8 @@ class InProcessTeacher:
 class RemoteTeacher:
     """Client of a tools/serve_teacher.py server. Connection refused, timeouts and 5xx are
     retried with exponential backoff, then raise TeacherUnavailable; a 400 (our request was bad)
-    raises ValueError at once, since asking again would not help."""
+    raises ValueError at once, since asking again would not help. Top-k scores come back as the
+    in-process teacher's, split over as many requests as the server's per-request limit needs."""
 
     def __init__(self, spec: TeacherSpec, timeout_s: float = 30.0, retries: int = 3, backoff_s: float = 0.5):
         if not spec.server:
@@ -206,21 +207,57 @@ class RemoteTeacher:
         info = self.info()
         self.vocab_size, self.max_len = int(info["vocab_size"]), int(info["max_len"])
         self.tokenizer_fingerprint = info.get("tokenizer_fingerprint")
+        # None: a server from before top_k (it refuses top_k with a 400, which says so).
+        self.max_top_numbers = info.get("max_top_numbers")
 
     def info(self) -> dict:
         return self._call("GET", "/info")
 
     def logprobs(self, prompts, responses, temperature: float = 1.0) -> list[torch.Tensor]:
-        body = {"prompts": _lists(prompts), "responses": _lists(responses), "temperature": float(temperature)}
-        out = self._call("POST", "/logprobs", body)["logprobs"]
-        return [torch.tensor(lp, dtype=torch.float32) for lp in out]
+        return [s.logprobs for s in self.score(prompts, responses, temperature)]
 
     def score(self, prompts, responses, temperature: float = 1.0, top_k: int = 0) -> list[TokenScores]:
-        if top_k:
-            raise ValueError(f"teacher {self.name!r}: tools/serve_teacher.py returns the sampled tokens' log-probs "
-                             "only; for top-k scores run the teacher in-process or on vLLM (vllm: true)")
-        return [TokenScores(lp, torch.zeros(len(lp), 0, dtype=torch.long), torch.zeros(len(lp), 0))
-                for lp in self.logprobs(prompts, responses, temperature)]
+        prompts, responses = _lists(prompts), _lists(responses)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"teacher {self.name!r}: top_k must be an int >= 0, got {top_k!r}")
+        if len(prompts) != len(responses):  # the server says so too, but the split below needs pairs
+            raise ValueError(f"teacher {self.name!r}: {len(prompts)} prompts but {len(responses)} responses")
+        out = []
+        for rows in self._requests(responses, top_k):
+            body = {"prompts": [prompts[i] for i in rows], "responses": [responses[i] for i in rows],
+                    "temperature": float(temperature)}
+            if top_k:  # only then: a server from before top_k still answers the sampled tokens' log-probs
+                body["top_k"] = top_k
+            answer = self._call("POST", "/logprobs", body)
+            for j, lp in enumerate(answer["logprobs"]):
+                n = len(lp)
+                if top_k:
+                    ids = torch.tensor(answer["top_ids"][j], dtype=torch.long).reshape(n, top_k)
+                    top = torch.tensor(answer["top_logprobs"][j], dtype=torch.float32).reshape(n, top_k)
+                else:
+                    ids, top = torch.zeros(n, 0, dtype=torch.long), torch.zeros(n, 0)
+                out.append(TokenScores(torch.tensor(lp, dtype=torch.float32), ids, top))
+        return out
+
+    def _requests(self, responses: list[list[int]], top_k: int) -> list[list[int]]:
+        """Consecutive runs of pair indices, each within the server's top-k entries per request
+        (tokens x top_k); everything in one request when there is no limit to respect."""
+        limit = self.max_top_numbers
+        if not top_k or not limit:
+            return [list(range(len(responses)))]
+        runs, run, used = [], [], 0
+        for i, r in enumerate(responses):
+            need = len(r) * top_k
+            if need > limit:
+                raise ValueError(f"teacher {self.name!r}: response {i} has {len(r)} tokens x top_k={top_k} = {need} "
+                                 f"top-k entries, over the server's limit of {limit} per request: lower top_k or "
+                                 f"start tools/serve_teacher.py with --max-top-numbers {need} or more")
+            if run and used + need > limit:
+                runs.append(run)
+                run, used = [], 0
+            run.append(i)
+            used += need
+        return runs + [run] if run else runs
 
     def close(self) -> None:  # the server is the user's process, not ours
         pass
