@@ -68,6 +68,9 @@ class MiMoGPTModel(GPTModel):
     # embedding or the output layer (their loss reaches only the MTP layers).
     logit_temperature: float = 1.0
     detach_mtp: bool = False
+    # Distribution-level distillation (rl/distill.py) needs the main depth's logits next to its
+    # losses: with labels, out.logits then holds them ([b, s, vocab / tp]).
+    keep_main_logits: bool = False
     mtp_feed: str = "chained"  # build_model sets it from ModelConfig.mtp_feed
     _pre_norm: torch.Tensor | None = None  # target_hidden: the decoder's input to its final norm
 
@@ -142,6 +145,8 @@ class MiMoGPTModel(GPTModel):
             if labels is None:
                 out.logits.append(logits.transpose(0, 1).contiguous())
                 continue
+            if depth == 0 and self.keep_main_logits:  # a copy: megatron's cross-entropy overwrites its input
+                out.logits.append(logits.transpose(0, 1).clone())
             if depth > 0:  # depth k predicts labels shifted left by k more positions
                 targets = roll_left(targets, packed_seq_params, self.cp_group)
                 mask = roll_left(mask, packed_seq_params, self.cp_group)

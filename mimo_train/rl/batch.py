@@ -27,6 +27,10 @@ class Sample:
     outcome_advantage: float = 0.0  # group-normalised reward (GRPO)
     teacher_logprobs: list[float] | None = None  # MOPD: the domain teacher's, per response token
     ref_logprobs: list[float] | None = None  # GRPO with a KL penalty: the reference's
+    # MOPD with rl.distill_loss full / topk: the teacher's k most likely tokens at each response
+    # position and their log-probs, [len(response), k] each (k = the vocabulary for full).
+    teacher_top_ids: torch.Tensor | None = None
+    teacher_top_logprobs: torch.Tensor | None = None
     routed: torch.Tensor | None = None  # [len(prompt) + len(response) - 1, MoE layers, k]
 
     @property
@@ -37,7 +41,7 @@ class Sample:
 PER_TOKEN = ("rollout_logprobs", "teacher_logprobs", "ref_logprobs")
 
 
-def _sample_tensors(s: Sample, num_sequences: int) -> dict[str, torch.Tensor]:
+def _sample_tensors(s: Sample, num_sequences: int, domains: list[str] | None = None) -> dict[str, torch.Tensor]:
     seq = torch.tensor(s.prompt + s.response, dtype=torch.long)
     n, start = s.length, len(s.prompt) - 1  # position `start` predicts the first response token
     out = {"tokens": seq[:-1], "labels": seq[1:], "position_ids": torch.arange(n)}
@@ -55,6 +59,17 @@ def _sample_tensors(s: Sample, num_sequences: int) -> dict[str, torch.Tensor]:
                 raise ValueError(f"{name}: {len(values)} values for a response of {len(s.response)} tokens")
             t[start:] = torch.tensor(values, dtype=torch.float32)
         out[name] = t
+    if s.teacher_top_ids is not None:  # [n, k], rows before `start` zero (masked out)
+        k = s.teacher_top_ids.shape[-1]
+        if s.teacher_top_ids.shape != (len(s.response), k) or s.teacher_top_logprobs.shape != (len(s.response), k):
+            raise ValueError(f"teacher top-k of shape {tuple(s.teacher_top_ids.shape)} for a response of "
+                             f"{len(s.response)} tokens")
+        out["teacher_top_ids"] = torch.zeros(n, k, dtype=torch.long)
+        out["teacher_top_ids"][start:] = s.teacher_top_ids
+        out["teacher_top_logprobs"] = torch.zeros(n, k)
+        out["teacher_top_logprobs"][start:] = s.teacher_top_logprobs
+    if domains is not None:  # per-domain metrics: the sample's domain index on its response tokens, else -1
+        out["domain"] = torch.where(mask.bool(), domains.index(s.domain), -1)
     if s.routed is not None:
         if s.routed.shape[0] != n:
             raise ValueError(f"routed experts for {s.routed.shape[0]} positions, the sample has {n}")
@@ -69,11 +84,13 @@ def padded_length(samples: list[Sample], micro_batch: int, multiple: int) -> int
 
 
 def micro_batches(samples: list[Sample], micro_batch: int, *, num_sequences: int, length: int,
-                  pad_id: int = 0, num_experts: int | None = None) -> list[dict]:
-    """Pack consecutive groups of `micro_batch` samples, each into a [1, length] row."""
+                  pad_id: int = 0, num_experts: int | None = None, domains: list[str] | None = None) -> list[dict]:
+    """Pack consecutive groups of `micro_batch` samples, each into a [1, length] row (per-token
+    values with a trailing dim, the teacher's top-k, as [1, length, k]). With `domains`, a
+    "domain" row holds each response token's index in it (-1 elsewhere)."""
     out = []
     for i in range(0, len(samples), micro_batch):
-        parts = [_sample_tensors(s, num_sequences) for s in samples[i:i + micro_batch]]
+        parts = [_sample_tensors(s, num_sequences, domains) for s in samples[i:i + micro_batch]]
         lens = [p["tokens"].numel() for p in parts]
         pad = length - sum(lens)
         if pad < 0:
@@ -82,8 +99,8 @@ def micro_batches(samples: list[Sample], micro_batch: int, *, num_sequences: int
         for key in parts[0]:
             if key == "routed":
                 continue
-            fill = pad_id if key in ("tokens", "labels") else 0
-            padding = torch.full((pad,), fill, dtype=parts[0][key].dtype)
+            fill = pad_id if key in ("tokens", "labels") else (-1 if key == "domain" else 0)
+            padding = torch.full((pad, *parts[0][key].shape[1:]), fill, dtype=parts[0][key].dtype)
             if key == "position_ids":
                 padding = torch.arange(pad)
             mb[key] = torch.cat([p[key] for p in parts] + [padding]).unsqueeze(0)

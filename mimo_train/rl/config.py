@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 ALGORITHMS = ("grpo", "mopd")
+LOSSES = ("sampled", "full", "topk")  # rl.distill_loss (mimo_train.rl.distill)
 BACKENDS = ("native", "vllm")
 
 
@@ -47,6 +48,12 @@ class RLConfig:
     normalize_std: bool = True
     # MOPD: advantage = (log pi_teacher - log pi_student) + alpha * outcome advantage.
     alpha: float = 0.0
+    # How the teacher's signal enters the loss (rl/distill.py, docs/rl.md): sampled (the report's
+    # estimator on the sampled token), full (exact KL to the teacher over the vocabulary; the
+    # teacher sends every token's log-prob), topk (the KL's terms over the teacher's top
+    # distill_topk tokens, which it sends with the sampled tokens' log-probs).
+    distill_loss: str = "sampled"
+    distill_topk: int = 16
     teachers: list[TeacherConfig] = field(default_factory=list)
     teacher_timeout_s: float = 60.0
     teacher_retries: int = 3
@@ -64,6 +71,15 @@ class RLConfig:
     spec_depth: Any = None
     engine_max_batch: int = 32
 
+    @property
+    def distill_domains(self) -> list[str]:
+        """The teachers' domains, in the order per-domain distillation metrics are summed."""
+        return sorted({t.domain for t in self.teachers})
+
+    def teacher_top_k(self, vocab_size: int) -> int:
+        """How many of its most likely tokens a teacher sends per position: 0 for sampled."""
+        return {"sampled": 0, "topk": min(self.distill_topk, vocab_size), "full": vocab_size}[self.distill_loss]
+
     def validate(self, recipe: str) -> None:
         _need(self.algorithm in ALGORITHMS, f"rl.algorithm={self.algorithm!r}: use one of {', '.join(ALGORITHMS)}")
         _need(self.algorithm == recipe, f"recipe {recipe} needs rl.algorithm={recipe} (got {self.algorithm})")
@@ -75,6 +91,16 @@ class RLConfig:
         _need(self.top_p == 1, "rl.top_p must be 1: RL needs the log-probs of the distribution it samples from")
         _need(self.clip_low >= 0 and self.clip_high >= 0 and self.kl_coef >= 0, "rl: clip_low, clip_high, kl_coef must be >= 0")
         _need(0 <= self.is_low <= 1 <= self.is_high, "rl: need 0 <= is_low <= 1 <= is_high")
+        _need(self.distill_loss in LOSSES, f"rl.distill_loss={self.distill_loss!r}: use one of {', '.join(LOSSES)}")
+        _need(self.distill_loss == "sampled" or self.algorithm == "mopd",
+              f"rl.distill_loss={self.distill_loss} distills from teachers: it needs rl.algorithm=mopd")
+        _need(self.distill_topk >= 1, f"rl.distill_topk={self.distill_topk} must be >= 1")
+        # full moves [response tokens x vocabulary] log-probs per step: in-process only (a served
+        # teacher would send gigabytes of JSON at the release's 152k vocabulary; vLLM's
+        # prompt_logprobs stop at max_logprobs).
+        _need(self.distill_loss != "full" or not any(t.vllm or t.server for t in self.teachers),
+              "rl.distill_loss=full needs every teacher in-process (its whole distribution at every token): use "
+              "rl.distill_loss=topk with served or vLLM teachers")
         depth = self.spec_depth
         _need(depth is None or depth == "auto" or (isinstance(depth, int) and not isinstance(depth, bool) and depth >= 0),
               f"rl.spec_depth={depth!r}: use an int >= 0 (draft depth K), null (every MTP layer) or auto")

@@ -161,7 +161,8 @@ class Rollout:
         return samples, metrics
 
     def _score(self, samples: list[rl_batch.Sample]) -> dict:
-        return score_samples(samples, self.teachers, self.reference, self.rl.temperature)
+        return score_samples(samples, self.teachers, self.reference, self.rl.temperature,
+                             top_k=self.rl.teacher_top_k(self.config.model.vocab_size))
 
 
 def draft_metrics(domains: list[str], counts: list) -> dict:
@@ -185,9 +186,11 @@ def draft_metrics(domains: list[str], counts: list) -> dict:
     return metrics
 
 
-def score_samples(samples: list[rl_batch.Sample], teachers: dict, reference, temperature: float) -> dict:
+def score_samples(samples: list[rl_batch.Sample], teachers: dict, reference, temperature: float,
+                  top_k: int = 0) -> dict:
     """Set each sample's teacher_logprobs from its domain's teacher (MOPD: every sample, else
-    ValueError) and ref_logprobs from the reference (GRPO's KL); teacher_kl/<domain> metrics."""
+    ValueError), with `top_k` > 0 also the teacher's top-k tokens per position, and ref_logprobs
+    from the reference (GRPO's KL); teacher_kl/<domain> metrics (the sampled tokens' gap)."""
     from mimo_train.rl.teachers import route
 
     metrics = {}
@@ -201,10 +204,13 @@ def score_samples(samples: list[rl_batch.Sample], teachers: dict, reference, tem
     # (zeros would read as a teacher certain of nothing: a silent, wrong advantage).
     for teacher, rows in route([s.domain for s in samples], teachers):
         mine = [samples[i] for i in rows]
-        scored = teacher.logprobs([s.prompt for s in mine], [s.response for s in mine], temperature=temperature)
+        scored = teacher.score([s.prompt for s in mine], [s.response for s in mine], temperature=temperature,
+                               top_k=top_k)
         gap, tokens = 0.0, 0
-        for s, lp in zip(mine, scored):
-            s.teacher_logprobs = lp.tolist()
+        for s, scores in zip(mine, scored):
+            s.teacher_logprobs = scores.logprobs.tolist()
+            if top_k:
+                s.teacher_top_ids, s.teacher_top_logprobs = scores.top_ids, scores.top_logprobs
             gap += sum(r - t for r, t in zip(s.rollout_logprobs, s.teacher_logprobs))
             tokens += len(s.response)
         metrics[f"teacher_kl/{teacher.domain}"] = gap / max(tokens, 1)  # E_student[log mu - log pi_teacher] per token
@@ -226,7 +232,7 @@ def load_teachers(config: RunConfig, prompts: PromptSet, max_len: int) -> dict:
                      for t in rl.teachers]
             served = [(s, tp) for s, tp in specs if s.vllm]
             if served:
-                out["servers"] = VLLMTeachers(config, served, max_len)
+                out["servers"] = VLLMTeachers(config, served, max_len, top_k=rl.teacher_top_k(config.model.vocab_size))
             teachers = {s.domain: out["servers"].teachers[s.domain] if s.vllm else
                         make_teacher(s, timeout_s=rl.teacher_timeout_s, retries=rl.teacher_retries) for s, _ in specs}
             check_compatible(config.model.vocab_size, config.data.tokenizer, list(teachers.values()))
@@ -308,7 +314,8 @@ def _train(config: RunConfig, layout: Layout, trainer: RLTrainer, backend, rollo
             mine = samples[dp_rank * per_rank:(dp_rank + 1) * per_rank]
             length = rl_batch.padded_length(samples, config.train.micro_batch, multiple)
             mbs = rl_batch.micro_batches(mine, config.train.micro_batch, num_sequences=len(samples), length=length,
-                                         pad_id=tokenizer.pad_token_id or 0, num_experts=config.model.n_routed_experts)
+                                         pad_id=tokenizer.pad_token_id or 0, num_experts=config.model.n_routed_experts,
+                                         domains=config.rl.distill_domains if config.rl.distill_loss != "sampled" else None)
             result = trainer.train_rl_step(mbs)
             t1 = time.time()
             sync = backend.push_weights(trainer.model, version=trainer.step)

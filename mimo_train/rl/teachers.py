@@ -4,8 +4,8 @@ For a prompt x of domain d and the student's response y, d's teacher returns log
 for every t (one teacher per prompt, never an average), and on request its top-k next tokens at
 each t (ids and log-probs: what distribution-level distillation needs). It runs in-process
 (`InProcessTeacher`: its own rollout Engine, so scoring never touches the student's), behind
-tools/serve_teacher.py (`RemoteTeacher`: HTTP on 127.0.0.1, timeouts, retries; sampled-token
-log-probs only) or on a vLLM server (`mimo_train.rl.vllm_teacher.VLLMTeacher`);
+tools/serve_teacher.py (`RemoteTeacher`: HTTP on 127.0.0.1, timeouts, retries; top-k on request,
+split under the server's per-request limit) or on a vLLM server (`mimo_train.rl.vllm_teacher.VLLMTeacher`);
 `TeacherSpec.server` and `TeacherSpec.vllm` pick one.
 Per-token comparison needs shared token ids: `check_compatible` refuses a teacher whose
 vocabulary size or tokenizer differs, before training starts.

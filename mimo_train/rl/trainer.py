@@ -25,7 +25,8 @@ from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
 from mimo_train.model.gpt import MiMoOutput
 from mimo_train.rl.config import RLConfig
-from mimo_train.rl.loss import distill_advantages, policy_loss
+from mimo_train.rl import distill
+from mimo_train.rl.loss import distill_advantages, is_weights, policy_loss
 from mimo_train.training.trainer import StepResult, Trainer, packed_params
 
 LOSS_SUMS = ("tokens", "is_masked", "clipped", "ratio", "advantage", "advantage_sq", "kl")
@@ -39,9 +40,12 @@ class RLTrainer(Trainer):
         super().__init__(config, layout)
         self.routers: list[tuple[int, TopKRouter]] = []
         moe_layers = [i for i in range(config.model.num_hidden_layers) if config.model.is_moe(i)]
+        # full / topk distillation: the KL to each domain's teacher, summed per domain for metrics.
+        self.domains = rl.distill_domains if rl.distill_loss != "sampled" else []
         for chunk in self.model:
             bare = chunk.module
             bare.detach_mtp, bare.logit_temperature = True, rl.temperature
+            bare.keep_main_logits = bool(self.domains)
             for module in bare.modules():
                 if isinstance(module, TopKRouter):
                     self.routers.append((moe_layers.index(module.layer_number - 1), module))
@@ -78,24 +82,62 @@ class RLTrainer(Trainer):
         differ = (mine.unsqueeze(-1) != theirs.unsqueeze(-2)).all(-1).sum()  # chosen by one side only
         self._disagree += torch.stack([torch.tensor(float(mine.numel())), differ.double().cpu()]).to(self._disagree)
 
+    def _distill_kl(self, mb, out: MiMoOutput, logp, mask):
+        """rl.distill_loss full / topk: the loss sum_t token_weight * IS weight * KL_t (the
+        report's IS gate and mask, on the exact per-position KL) and per-domain metric sums
+        [tokens, KL, teacher's top-k mass, student's mass on it] for each domain."""
+        logits = out.logits[0][0]  # [positions, vocab / tp]
+        group = parallel_state.get_tensor_model_parallel_group()
+        start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+        ids, lps = mb["teacher_top_ids"][0], mb["teacher_top_logprobs"][0]
+        if self.rl.distill_loss == "full":
+            # Prompt and padding positions carry no teacher scores (zeros): give them every id once.
+            every = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
+            ids = torch.where(mask[0].bool()[:, None], ids, every)
+            teacher = distill.dense_teacher(ids, lps, self.config.model.vocab_size)
+            kl = distill.full_kl(logits, teacher[:, start:start + logits.shape[-1]], group)
+            student_mass = torch.ones_like(kl)
+        else:
+            kl, student_mass = distill.topk_kl(logits, ids, lps, group, start)
+        gate, _ = is_weights(logp[0], mb["rollout_logprobs"][0], mask[0], self.rl.is_low, self.rl.is_high)
+        m = mask[0].bool()
+        loss = torch.where(m, mb["token_weight"][0].float() * gate * kl, 0.0).sum()
+        domain = mb["domain"][0].clamp(min=0)
+        sums = torch.zeros(len(self.domains), 4, dtype=torch.float64, device=kl.device)
+        values = torch.stack([torch.ones_like(kl), kl.detach(), lps.float().exp().sum(-1), student_mass], -1)
+        sums.index_add_(0, domain[m], values[m].double())
+        return loss, sums.flatten()
+
     def _rl_loss(self, counts, num_microbatches, mb, out: MiMoOutput):
         rl = self.rl
         mask = mb["loss_mask"].float()
         logp = -out.losses[0].float()
-        distill = distill_advantages(mb["teacher_logprobs"], logp) if rl.algorithm == "mopd" else torch.zeros_like(logp)
-        advantages = (distill + rl.alpha * mb["outcome"]) if rl.algorithm == "mopd" else mb["outcome"]
+        distill_adv = distill_advantages(mb["teacher_logprobs"], logp) if rl.algorithm == "mopd" \
+            else torch.zeros_like(logp)
+        if rl.algorithm == "grpo":
+            advantages = mb["outcome"]
+        elif rl.distill_loss == "sampled":
+            advantages = distill_adv + rl.alpha * mb["outcome"]
+        else:  # the teacher's signal is the KL term below; the policy gradient carries alpha x outcome
+            advantages = rl.alpha * mb["outcome"]
         loss, sums = policy_loss(
             logp, mb["rollout_logprobs"], advantages * mask, mask, mb["token_weight"], kind=rl.algorithm,
             clip_low=rl.clip_low, clip_high=rl.clip_high, eps_low=rl.is_low, eps_high=rl.is_high,
             ref_logprobs=mb["ref_logprobs"] if rl.kl_coef > 0 else None, kl_coef=rl.kl_coef)
+        domain_sums = []
+        if self.domains:
+            kl_loss, domain_sums = self._distill_kl(mb, out, logp, mask)
+            loss = loss + kl_loss
         total = loss
-        extra = [(distill * mask).sum().double()]
+        extra = [(distill_adv * mask).sum().double()]
         for depth in range(1, len(out.losses)):  # MTP: token mean over the global batch, trunk detached
             loss_sum = (out.losses[depth].float() * out.loss_masks[depth]).sum()
             total = total + self.weights[depth] * loss_sum / counts[depth].clamp(min=1).float()
             extra += [loss_sum.detach().double(), (out.correct[depth].float() * out.loss_masks[depth]).sum().double()]
         scale = num_microbatches * parallel_state.get_data_parallel_world_size()
         reported = torch.stack([loss.detach().double()] + [sums[k].double() for k in LOSS_SUMS] + extra)
+        if self.domains:
+            reported = torch.cat([reported, domain_sums])
         return total * scale, reported
 
     def _rl_forward_step(self, counts, num_microbatches, data_iterator, model):
@@ -131,7 +173,7 @@ class RLTrainer(Trainer):
 
     def _reduce_rl_metrics(self, results: list, counts: torch.Tensor) -> dict:
         depths = len(self.weights)
-        size = 1 + len(LOSS_SUMS) + 1 + 2 * (depths - 1)
+        size = 1 + len(LOSS_SUMS) + 1 + 2 * (depths - 1) + 4 * len(self.domains)
         sums = torch.zeros(size, dtype=torch.float64, device=self.device)
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             for r in results:
@@ -155,6 +197,12 @@ class RLTrainer(Trainer):
             loss_sum, hits = sums[1 + len(LOSS_SUMS) + 1 + 2 * (d - 1):][:2].tolist()
             m[f"loss/mtp_{d}"] = loss_sum / max(float(counts[d]), 1.0)
             m[f"acc/mtp_{d}"] = hits / max(float(counts[d]), 1.0)
+        per_domain = sums[size - 4 * len(self.domains):].view(-1, 4).tolist() if self.domains else []
+        for name, (tokens_d, kl, teacher_mass, student_mass) in zip(self.domains, per_domain):
+            if tokens_d:  # a domain absent from this step's batch reports nothing
+                m[f"distill/kl/{name}"] = kl / tokens_d
+                m[f"distill/teacher_topk_mass/{name}"] = teacher_mass / tokens_d
+                m[f"distill/student_topk_mass/{name}"] = student_mass / tokens_d
         if not self.rl.routing_replay and disagree[0] > 0:
             m["moe/router_disagreement"] = float(disagree[1] / disagree[0])
         return m

@@ -19,11 +19,23 @@ BASE = ["recipe=grpo", "model=tiny", "train.global_batch=8", "rl.prompts_per_ste
     ("rl.spec_depth=auto rollout=vllm", r"rl.spec_depth=auto needs rollout.backend=native"),
     # vLLM (and our plugin) chain the MTP layers: drafts of a target_hidden model would be wrong.
     ("model.mtp_feed=target_hidden rollout=vllm", r"model.mtp_feed=target_hidden drafts only with rollout.backend=native"),
+    ("rl.distill_loss=kl", r"rl.distill_loss='kl': use one of sampled, full, topk"),
+    ("rl.distill_loss=topk", r"rl.distill_loss=topk distills from teachers: it needs rl.algorithm=mopd"),
     ("model.mtp_feed=sideways", r"mtp_feed must be one of \('chained', 'target_hidden'\), got 'sideways'"),
 ])
 def test_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(BASE + override.split())
+
+
+def test_full_distillation_needs_in_process_teachers():
+    """The whole distribution at every token is too much to send: a served teacher sends top-k."""
+    for where in ("server:'http://127.0.0.1:9'", "vllm:true"):
+        with pytest.raises(ConfigError, match="rl.distill_loss=full needs every teacher in-process"):
+            load_config(["recipe=mopd", "model=tiny", "rl.distill_loss=full",
+                         f"rl.teachers=[{{name:a,domain:sort,checkpoint:x,{where}}}]"])
+    assert load_config(["recipe=mopd", "model=tiny", "rl.distill_loss=topk",
+                        "rl.teachers=[{name:a,domain:sort,checkpoint:x,vllm:true}]"]).rl.distill_loss == "topk"
 
 
 def test_mopd_needs_one_teacher_per_domain():

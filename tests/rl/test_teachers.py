@@ -15,6 +15,7 @@ from mimo_train.rl.teachers import (
     InProcessTeacher,
     TeacherMismatch,
     TeacherSpec,
+    TokenScores,
     check_compatible,
     check_domains,
     route,
@@ -185,6 +186,10 @@ class FakeTeacher:
 
     def logprobs(self, prompts, responses, temperature=1.0):
         return [torch.full((len(r),), self.value) for r in responses]
+
+    def score(self, prompts, responses, temperature=1.0, top_k=0):
+        return [TokenScores(lp, torch.zeros(len(lp), top_k, dtype=torch.long), torch.zeros(len(lp), top_k))
+                for lp in self.logprobs(prompts, responses, temperature)]
 
 
 def test_routing_by_domain():
