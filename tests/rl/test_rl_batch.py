@@ -43,3 +43,17 @@ def test_padding_replays_experts_round_robin_and_is_marked_invalid():
     filler = routed[7:, 0].reshape(-1).tolist()  # 5 padding tokens x top-2
     assert filler == [i % 7 for i in range(10)]
     assert routed[7:, 0].tolist() == routed[7:, 1].tolist()  # every MoE layer alike
+
+
+def test_the_teachers_top_k_and_the_domain_sit_with_their_positions():
+    samples = _samples()
+    samples[0].teacher_top_ids = torch.tensor([[20, 5], [21, 6], [2, 7]])
+    samples[0].teacher_top_logprobs = torch.tensor([[-0.5, -1.5], [-0.6, -1.6], [-0.7, -1.7]])
+    samples[1].teacher_top_ids, samples[1].teacher_top_logprobs = torch.tensor([[22, 9]]), torch.tensor([[-0.8, -1.8]])
+    [mb] = micro_batches(samples, 2, num_sequences=2, length=8, num_experts=7, domains=["y", "x"])
+    ids, lps = mb["teacher_top_ids"][0], mb["teacher_top_logprobs"][0]
+    assert ids.shape == lps.shape == (8, 2)
+    assert ids.tolist() == [[0, 0], [0, 0], [20, 5], [21, 6], [2, 7], [0, 0], [22, 9], [0, 0]]
+    assert torch.equal(lps[2:5], samples[0].teacher_top_logprobs) and torch.equal(lps[6], samples[1].teacher_top_logprobs[0])
+    assert lps[:2].abs().sum() == 0 and lps[5].abs().sum() == 0 and lps[7].abs().sum() == 0
+    assert mb["domain"][0].tolist() == [-1, -1, 1, 1, 1, -1, 0, -1]  # response tokens only; padding -1
