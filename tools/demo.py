@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -79,10 +80,10 @@ def main(argv: list[str]) -> dict:
     t_start = time.time()
     data = out / "data"
     if not (data / "train.jsonl").exists():
-        # 600 held-out draws per domain (about 500 after removing prompts seen in training; the
-        # training rows do not depend on it): a standard error of ~2 points per score where 250
-        # prompts gave ~3, the size of the gaps the table is read for (5% of a teacher).
-        summary = _tool("make_data").make(data, kind="sft", domains=DOMAINS, n=3000, n_eval=600, seed=0,
+        # 800 held-out draws per domain (about 660 after removing prompts seen in training; the
+        # training rows do not depend on it): a standard error below 2 points per score (at most
+        # 0.5 / sqrt(660) = 1.95), the size of the gaps the table is read for (5% of a teacher).
+        summary = _tool("make_data").make(data, kind="sft", domains=DOMAINS, n=3000, n_eval=800, seed=0,
                                           level=args["level"])
         console.print(f"data: {summary['train_rows']} rows of {', '.join(summary['domains'])} in {data}")
     common = [f"model={args['model']}", f"data.path={data}/train.jsonl", f"data.tokenizer={data}/tokenizer",
@@ -136,7 +137,8 @@ def main(argv: list[str]) -> dict:
     speculative = accept_lengths(export_dir, data)
     console.print(json.dumps(speculative))
 
-    summary = {"results": results, "seconds": seconds, "tokens": tokens, "speculative": speculative,
+    summary = {"results": results, "rows": evaluation.get("rows", {}), "seconds": seconds, "tokens": tokens,
+               "speculative": speculative,
                "total_seconds": time.time() - t_start, "command": "python tools/demo.py " + " ".join(argv),
                "environment": run_environment()}
     report = write_report(out, summary)
@@ -265,10 +267,16 @@ def write_report(out: Path, summary: dict) -> Path:
     teacher_tok = sum(v for k, v in tokens.items() if k.startswith("teacher_"))
     lines = ["# mimo-train demo", "", "## Held-out accuracy (greedy, exact checkers)", "", format_table(results), "",
              "![evaluation](eval/eval.png)", "", "## Student vs each teacher on its own domain", "",
-             "| domain | base | teacher | student | student / teacher |", "|---|---|---|---|---|"]
+             "Each score is a mean over the domain's held-out prompts; +- is its standard error, "
+             "sqrt(p (1 - p) / prompts).", "",
+             "| domain | prompts | base | teacher | student | student / teacher |", "|---|---|---|---|---|---|"]
+    rows = summary.get("rows", {})
     for d in DOMAINS:
+        n = rows.get(d, 0)
         b, t, s = results["base"][d], results[f"teacher_{d}"][d], results["student"][d]
-        lines.append(f"| {d} | {b:.3f} | {t:.3f} | {s:.3f} | {s / t:.2f} |" if t else f"| {d} | {b:.3f} | {t:.3f} | {s:.3f} | - |")
+        se = (lambda p: f" +- {math.sqrt(p * (1 - p) / n):.3f}" if n else "")  # noqa: E731
+        lines.append(f"| {d} | {n} | {b:.3f}{se(b)} | {t:.3f}{se(t)} | {s:.3f}{se(s)} | "
+                     + (f"{s / t:.2f} |" if t else "- |"))
     lines += ["", "## Compute", "", "| stage | wall time (s) | tokens trained on |", "|---|---|---|",
               f"| base SFT | {seconds['base']:.0f} | {tokens['base']:.0f} |",
               *[f"| teacher {d} (GRPO) | {seconds[f'teacher_{d}']:.0f} | {tokens[f'teacher_{d}']:.0f} |" for d in DOMAINS],
