@@ -86,14 +86,8 @@ def main(argv: list[str]) -> dict:
         summary = _tool("make_data").make(data, kind="sft", domains=DOMAINS, n=3000, n_eval=800, seed=0,
                                           level=args["level"])
         console.print(f"data: {summary['train_rows']} rows of {', '.join(summary['domains'])} in {data}")
-    common = [f"model={args['model']}", f"data.path={data}/train.jsonl", f"data.tokenizer={data}/tokenizer",
-              f"train.seed={args['seed']}", "logging.progress=true"]
-    # Rollouts at temperature 0.5: at 1.0 the base's samples are right far less often than its
-    # greedy answers, which leaves GRPO little reward to learn from.
-    # One packed micro-batch per RL step: 128 samples of ~15 tokens fit in one, and fewer, larger
-    # matmuls train faster on a CPU than four micro-batches with the same result.
-    rl_common = [*common, f"rl.prompts={data}/train.jsonl", "rl.max_new_tokens=8", "rl.temperature=0.5",
-                 "train.micro_batch=128"]
+    common = common_args(args, data)
+    rl_common = rl_args(args, data)
     seconds, tokens = {}, {}
 
     base = out / "base"
@@ -116,10 +110,8 @@ def main(argv: list[str]) -> dict:
         teachers[d] = run_dir / "checkpoints"
 
     student = out / "student"
-    listed = ",".join(f"{{name:{d},domain:{d},checkpoint:'{teachers[d]}'}}" for d in DOMAINS)
-    seconds["mopd"] = _run(console, "3. MOPD student from the base, one teacher per domain", [
-        "recipe=mopd", *rl_common, f"rl.teachers=[{listed}]", f"train.steps={args['mopd_steps']}",
-        f"checkpoint.load={base}/checkpoints", f"logging.run_dir={student}"])
+    seconds["mopd"] = _run(console, "3. MOPD student from the base, one teacher per domain",
+                           mopd_args(args, data, base, teachers, student))
     tokens["mopd"] = _tokens(student, "rl/tokens")
 
     console.rule("[bold]4. evaluation on held-out prompts (greedy, exact checkers)")
@@ -145,6 +137,27 @@ def main(argv: list[str]) -> dict:
     console.print(report.read_text(), markup=False)
     console.print(f"[bold]demo done in {summary['total_seconds'] / 60:.1f} min[/]: report {report}")
     return summary
+
+
+def common_args(args: dict, data: Path) -> list[str]:
+    return [f"model={args['model']}", f"data.path={data}/train.jsonl", f"data.tokenizer={data}/tokenizer",
+            f"train.seed={args['seed']}", "logging.progress=true"]
+
+
+def rl_args(args: dict, data: Path) -> list[str]:
+    # Rollouts at temperature 0.5: at 1.0 the base's samples are right far less often than its
+    # greedy answers, which leaves GRPO little reward to learn from.
+    # One packed micro-batch per RL step: 128 samples of ~15 tokens fit in one, and fewer, larger
+    # matmuls train faster on a CPU than four micro-batches with the same result.
+    return [*common_args(args, data), f"rl.prompts={data}/train.jsonl", "rl.max_new_tokens=8", "rl.temperature=0.5",
+            "train.micro_batch=128"]
+
+
+def mopd_args(args: dict, data: Path, base: Path, teachers: dict[str, Path], run_dir: Path) -> list[str]:
+    """The MOPD stage (tools/mopd_trial.py reruns it with overrides)."""
+    listed = ",".join(f"{{name:{d},domain:{d},checkpoint:'{teachers[d]}'}}" for d in DOMAINS)
+    return ["recipe=mopd", *rl_args(args, data), f"rl.teachers=[{listed}]", f"train.steps={args['mopd_steps']}",
+            f"checkpoint.load={base}/checkpoints", f"logging.run_dir={run_dir}"]
 
 
 def run_environment() -> dict:

@@ -49,6 +49,16 @@ def test_the_whole_pipeline_runs_and_reports(tmp_path):
     assert env["commit"] and env["device"] == "cpu" and env["threads"] >= 1
     assert f"at commit {env['commit']} on cpu" in report
     assert (out / "eval" / "eval.png").is_file()
+    assert "| domain | prompts | base | teacher | student | student / teacher |" in report and " +- " in report
+
+    # tools/mopd_trial.py reruns the MOPD stage on this demo with other settings and scores it alike.
+    code, printed = launch(["trial", "rl.distill_loss=topk", "rl.distill_topk=4", f"--demo={out}",
+                            f"--out={tmp_path / 'trials'}"], script=ROOT / "tools" / "mopd_trial.py")
+    assert code == 0, printed[-6000:]
+    trial = json.loads((tmp_path / "trials" / "trial" / "trial.json").read_text())
+    assert trial["overrides"] == ["rl.distill_loss=topk", "rl.distill_topk=4"] and trial["tokens"] > 0
+    assert set(trial["student_vs_teacher"]) == set(DOMAINS) and set(trial["standard_error"]) == set(DOMAINS)
+    assert any(k.startswith("distill/kl/") for k in trial["last_step"])  # the topk run's per-domain KL
 
 
 def test_an_unknown_or_malformed_argument_is_refused_before_any_work(tmp_path):
