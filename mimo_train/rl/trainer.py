@@ -5,7 +5,9 @@ Per micro-batch: the forward returns each response token's -log pi_theta (the ma
 cross-entropy, taken at the sampling temperature) and the MTP depths' losses (trunk detached,
 so they train only the MTP layers). The policy loss (rl.loss.policy_loss) is a sum of
 per-token terms weighted 1 / (|y| * sequences in the global batch): any DP size or
-micro-batch count gives the gradient of one process. Routing replay sets each MoE router's
+micro-batch count gives the gradient of one process. With rl.distill_loss full or topk the
+forward also keeps the main depth's (vocab-parallel) logits, and each response position adds
+its IS-gated KL to the teacher (rl/distill.py) instead of the sampled-token advantage. Routing replay sets each MoE router's
 top-k to what the engine chose for that token; without it the router's own choices are
 recorded and their disagreement with the engine's is counted.
 """
