@@ -154,9 +154,13 @@ def rl_args(args: dict, data: Path) -> list[str]:
 
 
 def mopd_args(args: dict, data: Path, base: Path, teachers: dict[str, Path], run_dir: Path) -> list[str]:
-    """The MOPD stage (tools/mopd_trial.py reruns it with overrides)."""
+    """The MOPD stage (tools/mopd_trial.py reruns it with overrides). 64 samples a step (32
+    prompts x 2), not the recipe's 128: at the same tokens, twice the optimizer steps brought
+    the student closer to every teacher (docs/experiments.md, "MOPD settings"); 36 steps are half
+    the three teachers' tokens."""
     listed = ",".join(f"{{name:{d},domain:{d},checkpoint:'{teachers[d]}'}}" for d in DOMAINS)
     return ["recipe=mopd", *rl_args(args, data), f"rl.teachers=[{listed}]", f"train.steps={args['mopd_steps']}",
+            "rl.prompts_per_step=32", "train.global_batch=64", "train.micro_batch=64",
             f"checkpoint.load={base}/checkpoints", f"logging.run_dir={run_dir}"]
 
 
