@@ -75,12 +75,9 @@ class TeacherServer(ThreadingHTTPServer):
         if unknown or "prompts" not in body or "responses" not in body:
             raise ValueError(f"expected keys prompts, responses (and optional temperature, top_k); got {sorted(body)}")
         prompts, responses, t = body["prompts"], body["responses"], body.get("temperature", 1.0)
-        top_k, vocab = body.get("top_k", 0), self.info["vocab_size"]
+        top_k = body.get("top_k", 0)
         # Checked before taking the lock: a bad request must not queue behind good ones.
-        check_request(prompts, responses, vocab, self.info["max_len"], t)
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= vocab:
-            raise ValueError(f"top_k must be an int in [0, {vocab}] (the vocabulary size): the number of most "
-                             f"likely tokens returned per position; got {top_k!r}")
+        check_request(prompts, responses, self.info["vocab_size"], self.info["max_len"], t, top_k)
         n_tokens = sum(len(r) for r in responses)
         if n_tokens * top_k > self.max_top_numbers:
             raise ValueError(f"top_k={top_k} x {n_tokens} response tokens = {n_tokens * top_k} top-k entries exceeds "

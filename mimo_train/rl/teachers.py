@@ -58,7 +58,7 @@ class TeacherMismatch(ValueError):  # a teacher's token ids do not mean what the
 
 
 # ---- scoring -----------------------------------------------------------------------------------
-def check_request(prompts, responses, vocab_size: int, max_len: int, temperature=1.0) -> None:
+def check_request(prompts, responses, vocab_size: int, max_len: int, temperature=1.0, top_k=0) -> None:
     """ValueError naming the first bad item; shared by in-process scoring and the server's 400s."""
     if not isinstance(prompts, list) or not isinstance(responses, list):
         raise ValueError("prompts and responses must be lists of token-id lists")
@@ -66,6 +66,9 @@ def check_request(prompts, responses, vocab_size: int, max_len: int, temperature
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
         raise ValueError(f"temperature must be a finite number >= 0 (0 means 1, as for greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= vocab_size:
+        raise ValueError(f"top_k must be an int in [0, {vocab_size}] (the vocabulary size): the number of most "
+                         f"likely tokens returned per position; got {top_k!r}")
     for i, (p, r) in enumerate(zip(prompts, responses)):
         for what, ids in (("prompt", p), ("response", r)):
             if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
@@ -96,12 +99,10 @@ def score_tokens(engine, prompts: list[list[int]], responses: list[list[int]],
     per-slot state of running requests are not touched. Not thread-safe with engine.step():
     call it between steps (teachers own their engine; this matters only for a student's)."""
     prompts, responses = _lists(prompts), _lists(responses)
-    check_request(prompts, responses, engine.cfg.vocab_size, engine.max_len, temperature)
+    check_request(prompts, responses, engine.cfg.vocab_size, engine.max_len, temperature, top_k)
     free = engine.config.max_batch - engine.n
     if free < 1:
         raise RuntimeError("score_tokens: every slot of the engine is busy; score between generate() calls")
-    if not 0 <= top_k <= engine.cfg.vocab_size:
-        raise ValueError(f"top_k={top_k}: need 0 <= top_k <= the vocabulary size {engine.cfg.vocab_size}")
     t = float(temperature) if temperature > 0 else 1.0
     model, dev = engine.model, engine.device
     out = [empty_scores(top_k) for _ in prompts]
