@@ -14,7 +14,6 @@ per-domain KL metrics.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -25,13 +24,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main(argv: list[str]) -> dict:
@@ -45,9 +37,11 @@ def main(argv: list[str]) -> dict:
     summary_path = demo / "summary.json"
     if not summary_path.exists():
         raise SystemExit(f"mopd_trial: no finished demo at {demo} (no summary.json): run `make demo` first")
-    demo_tool = _tool("demo")
     from mimo_train.run import main as run
     from mimo_train.training.tracking import read_metrics
+    from tools import demo as demo_tool
+    from tools import evaluate
+    from tools.bench_env import environment
 
     done = json.loads(summary_path.read_text())
     settings = {**demo_tool.DEFAULTS, **dict(a.split("=", 1) for a in done["command"].split()[2:] if "=" in a)}
@@ -61,7 +55,7 @@ def main(argv: list[str]) -> dict:
     rows = read_metrics(run_dir)
     tokens = sum(r.get("rl/tokens", 0.0) for r in rows)
     teacher_tokens = sum(done["tokens"][f"teacher_{d}"] for d in demo_tool.DOMAINS)
-    evaluation = _tool("evaluate").main([f"--model=student={run_dir}/checkpoints", f"--data={data}",
+    evaluation = evaluate.main([f"--model=student={run_dir}/checkpoints", f"--data={data}",
                                          "--max-new-tokens=8", f"--out={run_dir}/eval", "--no-progress",
                                          *([f"--limit={settings['eval_limit']}"] if settings["eval_limit"] else [])])
     student, counts = evaluation["results"]["student"], evaluation["rows"]
@@ -73,7 +67,7 @@ def main(argv: list[str]) -> dict:
         "standard_error": {d: round(math.sqrt(student[d] * (1 - student[d]) / counts[d]), 4) for d in demo_tool.DOMAINS},
         "student_vs_teacher": {d: round(student[d] / teacher[d], 3) if teacher[d] else None for d in demo_tool.DOMAINS},
         "last_step": {k: round(v, 4) for k, v in rows[-1].items() if k.startswith(("distill/kl/", "teacher_kl/"))},
-        "commit": _tool("bench_env").environment("cpu", "float32")["commit"],
+        "commit": environment("cpu", "float32")["commit"],
     }
     (run_dir / "trial.json").write_text(json.dumps(trial, indent=1) + "\n")
     print("RESULT " + json.dumps(trial))
