@@ -69,7 +69,7 @@ def _seed():
 def one_thread():
     """Torch on one thread for a module's tests: a tiny model runs as a stream of small ops,
     which OpenMP's hand-offs between threads slow down many times on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    from tools.bench_env import torch_threads
+
+    with torch_threads(1):
+        yield

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import platform
@@ -56,3 +57,16 @@ def sync(device: str | torch.device) -> None:
     """Wait for queued GPU work, so that a wall-clock interval covers it."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Torch on `n` threads inside, the previous count after. A small model decoding or training
+    is a stream of small ops, which OpenMP's hand-offs between threads slow down on a 2-core
+    machine: the demo's draft timing and the tests run them on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -203,14 +203,8 @@ def accept_lengths(export_dir: Path, data: Path, n: int = 32, rounds: int = 3) -
     One torch thread: a 10M-parameter model decoding one request is a stream of small ops, which
     two threads on two cores run about half as fast (OpenMP hand-offs), and slower still when
     anything else runs."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _tool("bench_env").torch_threads(1):
         return _accept_lengths(export_dir, data, n, rounds)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _accept_lengths(export_dir: Path, data: Path, n: int, rounds: int) -> dict:

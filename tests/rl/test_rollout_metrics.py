@@ -27,12 +27,9 @@ def test_per_domain_figures_pool_each_domains_verify_steps():
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def engine(tmp_path_factory, one_thread):
     model = make_model(tmp_path_factory.mktemp("drafting"), seed=2, repeat_drafts=True)
-    yield model, Engine(model.cfg, model.weights, EngineConfig(device="cpu", max_batch=4, max_len=96))
-    torch.set_num_threads(threads)
+    return model, Engine(model.cfg, model.weights, EngineConfig(device="cpu", max_batch=4, max_len=96))
 
 
 def test_the_domains_together_give_the_engines_own_figures(engine):

@@ -64,16 +64,11 @@ def train_here(args: list[str]) -> None:
     """`mimo_train/run.py`'s main in this process (the test needs the `megatron_single` fixture),
     one thread as in `launch`'s processes: for reference runs whose output is not read. It saves
     a process start (imports alone are ~6 s of a 2-core machine's time)."""
-    import torch
-
     from mimo_train.run import main
+    from tools.bench_env import torch_threads
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         assert main(args) == 0, f"run.py {' '.join(args)} failed in this process (see the error above)"
-    finally:
-        torch.set_num_threads(threads)
 
 
 def metrics(run_dir: Path) -> dict[int, dict]:
