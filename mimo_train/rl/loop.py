@@ -294,9 +294,7 @@ def _train(config: RunConfig, layout: Layout, trainer: RLTrainer, backend, rollo
         state = {**trainer.state(), "data": prompts.state_dict(), "model": dataclasses.asdict(config.model),
                  "layout": dataclasses.asdict(layout), "recipe": config.recipe, "teachers": teacher_set(config),
                  "tokenizer": str(Path(config.data.tokenizer).resolve())}
-        final = checkpoint.save(config.checkpoint_dir, trainer.step, trainer.model,
-                                trainer.optimizer if trainer.step > 0 else None, state,
-                                keep_last=config.checkpoint.keep_last)
+        final = trainer.save_checkpoint(config.checkpoint_dir, state, config.checkpoint.keep_last)
         tracker.message(f"saved {final}")
 
     metrics: dict = {}

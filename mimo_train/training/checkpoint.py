@@ -167,6 +167,14 @@ def check_fresh_start(checkpoint_dir: Path) -> None:
 def save(checkpoint_dir: Path, step: int, model_chunks, optimizer, state: dict, keep_last: int) -> Path:
     """Save on every rank; returns the final directory. `optimizer=None` writes the weights
     only (`"weights_only": true` in the state file): a starting point, not a resumable run."""
+    return commit(checkpoint_dir, step, {**state, "weights_only": optimizer is None}, keep_last,
+                  lambda tmp: dist_checkpointing.save(_sharded(model_chunks, optimizer, is_loading=False), str(tmp)))
+
+
+def commit(checkpoint_dir: Path, step: int, state: dict, keep_last: int, write) -> Path:
+    """The atomic save every backend shares (module docstring): `write(tmp)` writes this rank's
+    part of the model and optimizer into `iter_N.tmp/` (every rank); then each rank's RNG
+    states, rank 0's state file, the rename and `latest`. Returns the final directory."""
     checkpoint_dir = Path(checkpoint_dir)
     final = checkpoint_dir / f"iter_{step:07d}"
     tmp = checkpoint_dir / f"iter_{step:07d}.tmp"
@@ -181,13 +189,13 @@ def save(checkpoint_dir: Path, step: int, model_chunks, optimizer, state: dict, 
                 shutil.rmtree(stale)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(_sharded(model_chunks, optimizer, is_loading=False), str(tmp))
+    write(tmp)
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     dist.barrier()
     if rank == 0:
-        _fsync_write(tmp / STATE_FILE, json.dumps({**state, "step": step, "world_size": dist.get_world_size(),
-                                                         "weights_only": optimizer is None}, indent=1))
+        _fsync_write(tmp / STATE_FILE, json.dumps({**state, "step": step, "world_size": dist.get_world_size()},
+                                                  indent=1))
         # An uncommitted iter_N (latest names another checkpoint) is moved aside, not deleted,
         # until the new one has taken its name and `latest` names it.
         old = checkpoint_dir / f"iter_{step:07d}.old"
@@ -229,7 +237,13 @@ def load(path: Path, model_chunks, optimizer, *, load_optimizer: bool = True, lo
         _unshare_adam_steps(optimizer)
     elif optimizer is not None:  # bf16 runs keep fp32 master copies of the weights: refresh them
         optimizer.reload_model_params()
-    rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
-    if load_rng and rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=True))
+    if load_rng:
+        load_rng_state(path)
     return state
+
+
+def load_rng_state(path: Path) -> None:
+    """This rank's RNG states as saved (none saved for this rank: left as they are)."""
+    rng_file = Path(path) / "rng" / f"rank_{dist.get_rank():05d}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=True))

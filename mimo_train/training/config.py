@@ -53,6 +53,29 @@ class ParallelConfig:
         _need(self.recompute in (None, "full", "selective"), "parallel.recompute must be null, full or selective")
 
 
+BACKENDS = ("megatron", "deepspeed")
+
+
+@dataclass
+class TrainerConfig:
+    """Which engine trains the model (configs/trainer/): megatron-core on our MiMo model, or
+    DeepSpeed ZeRO on any transformers causal LM (docs/deepspeed.md)."""
+
+    backend: str = "megatron"
+    # deepspeed: the student's serving directory (config.json, *.safetensors, tokenizer files);
+    # its architecture is whatever transformers reads there (never remote code).
+    model_dir: str | None = None
+    zero_stage: int = 3  # 2: optimizer state and gradients sharded; 3: the parameters too
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU
+
+    def validate(self) -> None:
+        _need(self.backend in BACKENDS, f"trainer.backend={self.backend!r}: use one of {', '.join(BACKENDS)}")
+        if self.backend == "deepspeed":
+            _need(bool(self.model_dir), "trainer.backend=deepspeed needs trainer.model_dir: the serving directory of "
+                  "the transformers model to train (config.json and *.safetensors)")
+            _need(self.zero_stage in (2, 3), f"trainer.zero_stage={self.zero_stage}: use 2 or 3")
+
+
 @dataclass
 class OptimConfig:
     lr: float = 3e-4
@@ -122,6 +145,7 @@ class LoggingConfig:
 class RunConfig:
     recipe: str = "pretrain"
     model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -160,10 +184,29 @@ class RunConfig:
                       f"= {need}: one optimizer step per batch of rollouts")
         except (ValueError, RLConfigError) as err:
             raise ConfigError(str(err)) from None
-        for part in (self.parallel, self.optim, self.train, self.checkpoint, self.logging):
+        for part in (self.trainer, self.parallel, self.optim, self.train, self.checkpoint, self.logging):
             part.validate()
+        if self.trainer.backend == "deepspeed":
+            self._validate_deepspeed()
         _need(self.optim.warmup_steps < self.train.steps,
               f"optim.warmup_steps={self.optim.warmup_steps} must be below train.steps={self.train.steps}")
+
+    def _validate_deepspeed(self) -> None:
+        """What only the megatron backend does is refused by name, with the setting to change."""
+        p = self.parallel
+        _need(p.tp == p.pp == p.ep == 1 and p.vpp is None,
+              f"trainer.backend=deepspeed shards the model over data-parallel ranks (ZeRO) only: set parallel.tp, "
+              f"parallel.pp and parallel.ep to 1 and parallel.vpp to null (got tp={p.tp} pp={p.pp} ep={p.ep} "
+              f"vpp={p.vpp}), or use trainer=megatron")
+        if self.recipe in ("grpo", "mopd"):
+            _need(self.rollout.backend == "vllm",
+                  "trainer.backend=deepspeed rolls out on vLLM: the native engine runs MiMo models only; add rollout=vllm")
+            _need(not self.rl.routing_replay,
+                  "rl.routing_replay replays megatron MoE routers (megatron backend only): set rl.routing_replay=false "
+                  "with trainer.backend=deepspeed")
+            _need(self.rl.spec_depth in (None, 0),
+                  f"rl.spec_depth={self.rl.spec_depth} drafts with MiMo's MTP layers (megatron backend only): set "
+                  "rl.spec_depth=0 with trainer.backend=deepspeed")
 
     @property
     def run_dir(self) -> Path:
@@ -211,4 +254,8 @@ def load_config(argv: list[str]) -> RunConfig:
     except ValueError as err:  # a dataclass refusing its values while being built
         raise ConfigError(str(err).strip().splitlines()[0]) from None
     config.validate()
+    if config.trainer.backend == "deepspeed":  # the sizes the loops read come from the student's config.json
+        from mimo_train.training import hf_student
+
+        hf_student.apply_facts(config.model, hf_student.read_config(config.trainer.model_dir))
     return config

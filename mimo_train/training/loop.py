@@ -23,7 +23,7 @@ from mimo_train.parallel.setup import init_distributed
 from mimo_train.training import checkpoint
 from mimo_train.training.config import RunConfig
 from mimo_train.training.tracking import Tracker, plot_losses
-from mimo_train.training.trainer import TooManySkippedSteps, Trainer
+from mimo_train.training.trainer import TooManySkippedSteps, Trainer, make_trainer
 
 
 class _StopRequest:
@@ -91,7 +91,7 @@ def resume(trainer: Trainer, loader: DataLoader, config: RunConfig, layout: Layo
             f"apart only under expert parallelism); resume with parallel.ep{'>1' if saved_ep > 1 else '=1'}, "
             "or start a new run from its weights with checkpoint.load")
     same_layout = state.get("layout") == dataclasses.asdict(layout)
-    checkpoint.load(path, trainer.model, trainer.optimizer, load_optimizer=full, load_rng=full and same_layout)
+    trainer.load_checkpoint(path, full=full, rng=full and same_layout)
     if full:
         trainer.load_state(state)
         loader.load_state_dict(state["data"])
@@ -120,7 +120,7 @@ def run(config: RunConfig, layout: Layout) -> dict:
     loader = DataLoader(dataset, global_batch=config.train.global_batch, micro_batch=config.train.micro_batch,
                         dp_rank=parallel_state.get_data_parallel_rank(),
                         dp_size=parallel_state.get_data_parallel_world_size())
-    trainer = Trainer(config, layout)
+    trainer = make_trainer(config, layout)
     resumed = resume(trainer, loader, config, layout)
     tracker = Tracker(config.run_dir, enabled=rank0, total_steps=config.train.steps, start_step=trainer.step,
                       config=config.to_dict(), wandb_project=config.logging.wandb_project,
@@ -137,10 +137,7 @@ def run(config: RunConfig, layout: Layout) -> dict:
                  "layout": dataclasses.asdict(layout), "recipe": config.recipe,
                  # Readers of the checkpoint (export, teachers, evaluation) find the tokenizer here.
                  "tokenizer": str(Path(config.data.tokenizer).resolve())}
-        # Before the first step there is no optimizer state to save: the weights are the checkpoint.
-        optimizer = trainer.optimizer if trainer.step > 0 else None
-        final = checkpoint.save(config.checkpoint_dir, trainer.step, trainer.model, optimizer, state,
-                                keep_last=config.checkpoint.keep_last)
+        final = trainer.save_checkpoint(config.checkpoint_dir, state, config.checkpoint.keep_last)
         tracker.message(f"saved {final}")
 
     metrics = {}

@@ -31,6 +31,7 @@ from mimo_train.model.gpt import MiMoOutput, build_model, roll_left
 from mimo_train.model.spec import MegatronOptions, transformer_config
 from mimo_train.parallel.layout import Layout
 from mimo_train.parallel.setup import device
+from mimo_train.training import checkpoint
 from mimo_train.training.config import RunConfig
 from mimo_train.training.router_stats import RouterStats
 
@@ -66,6 +67,15 @@ def packed_params(mb: dict) -> PackedSeqParams:
     cu = mb["cu_seqlens"]
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                            max_seqlen_q=int(mb["max_seqlen"]), max_seqlen_kv=int(mb["max_seqlen"]))
+
+
+def make_trainer(config: RunConfig, layout: Layout):
+    """The trainer of `trainer.backend`: this module's (megatron) or DeepSpeed's."""
+    if config.trainer.backend == "deepspeed":
+        from mimo_train.training.deepspeed_trainer import DeepSpeedTrainer
+
+        return DeepSpeedTrainer(config, layout)
+    return Trainer(config, layout)
 
 
 class Trainer:
@@ -201,7 +211,16 @@ class Trainer:
             metrics[f"acc/{name}"] = float(sums[2 * d + 1] / counts[d].clamp(min=1))
         return metrics
 
-    # -- state for checkpoints ----------------------------------------------------------------
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def save_checkpoint(self, checkpoint_dir, state: dict, keep_last: int):
+        # Before the first step there is no optimizer state to save: the weights are the checkpoint.
+        return checkpoint.save(checkpoint_dir, self.step, self.model, self.optimizer if self.step > 0 else None,
+                               state, keep_last=keep_last)
+
+    def load_checkpoint(self, path, *, full: bool, rng: bool) -> dict:
+        """Weights (and with `full` the optimizer; with `rng` this rank's RNG states) in place."""
+        return checkpoint.load(path, self.model, self.optimizer, load_optimizer=full, load_rng=rng)
 
     def state(self) -> dict:
         return {"scheduler": self.scheduler.state_dict(), "skipped": self.skipped}
