@@ -30,7 +30,7 @@ from mimo_train.parallel.setup import init_distributed
 from mimo_train.rl import batch as rl_batch
 from mimo_train.rl.evaluate import prompt_ids, response_text
 from mimo_train.rl.loss import group_advantages
-from mimo_train.rl.trainer import RLTrainer
+from mimo_train.rl.trainer import RLTrainer, make_rl_trainer
 from mimo_train.rl.rollout_backend import make_backend
 from mimo_train.training import checkpoint
 from mimo_train.training.config import RunConfig
@@ -267,7 +267,7 @@ def run_rl(config: RunConfig, layout: Layout) -> dict:
         teachers = on_rank0(lambda: load_teachers(config, prompts, max_len), share=False) or {}
         # Before the trainer: a server that cannot start, or serves another model, costs no model build.
         backend = make_backend(config, max_len)
-        trainer = RLTrainer(config, layout, rl)
+        trainer = make_rl_trainer(config, layout, rl)
         resumed = resume(trainer, prompts, config, layout)
         backend.push_weights(trainer.model, version=trainer.step)
         rollout = on_rank0(lambda: Rollout(config, backend, tokenizer, prompts, teachers), share=False)

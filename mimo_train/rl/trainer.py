@@ -34,55 +34,20 @@ from mimo_train.training.trainer import StepResult, Trainer, packed_params
 LOSS_SUMS = ("tokens", "is_masked", "clipped", "ratio", "advantage", "advantage_sq", "kl")
 
 
-class RLTrainer(Trainer):
-    routing_replay = True  # build routers with megatron's replay hooks (replay or record)
+def make_rl_trainer(config, layout, rl: RLConfig):
+    """The RL trainer of `trainer.backend`: megatron (this module) or DeepSpeed."""
+    if config.trainer.backend == "deepspeed":
+        from mimo_train.rl.deepspeed_trainer import DeepSpeedRLTrainer
 
-    def __init__(self, config, layout, rl: RLConfig):
-        self.rl = rl
-        super().__init__(config, layout)
-        self.routers: list[tuple[int, TopKRouter]] = []
-        moe_layers = [i for i in range(config.model.num_hidden_layers) if config.model.is_moe(i)]
-        # full / topk distillation: the KL to each domain's teacher, summed per domain for metrics.
-        self.domains = rl.distill_domains if rl.distill_loss != "sampled" else []
-        for chunk in self.model:
-            bare = chunk.module
-            bare.detach_mtp, bare.logit_temperature = True, rl.temperature
-            bare.keep_main_logits = bool(self.domains)
-            for module in bare.modules():
-                if isinstance(module, TopKRouter):
-                    self.routers.append((moe_layers.index(module.layer_number - 1), module))
-                    module.register_forward_hook(self._compare_routing)
-        self._disagree = torch.zeros(2, dtype=torch.float64, device=self.device)  # (token-experts compared, differing)
+        return DeepSpeedRLTrainer(config, layout, rl)
+    return RLTrainer(config, layout, rl)
 
-    def _replay(self, mb: dict) -> None:
-        """Give every local router its tokens' engine-chosen experts (this TP rank's slice of
-        the sequence under sequence parallel), to replay or to compare with."""
-        routed, valid = mb.get("routed"), mb.get("routed_valid")
-        for index, router in self.routers:
-            if routed is None or router.router_replay is None:
-                router._mimo_expected = None
-                continue
-            experts, mine = routed[0, :, index], valid[0]  # [tokens, k], [tokens]
-            if self.tconfig.sequence_parallel and self.layout.tp > 1:
-                rank = parallel_state.get_tensor_model_parallel_rank()
-                experts, mine = experts.chunk(self.layout.tp)[rank], mine.chunk(self.layout.tp)[rank]
-            router._mimo_expected, router._mimo_valid = experts, mine
-            router.router_replay.clear_indices()
-            if self.rl.routing_replay:
-                router.router_replay.set_target_indices(experts)
-                router.router_replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
-            else:
-                router.router_replay.set_router_replay_action(RouterReplayAction.RECORD)
 
-    def _compare_routing(self, router, inputs, output) -> None:
-        expected = getattr(router, "_mimo_expected", None)
-        if expected is None or self.rl.routing_replay or router.router_replay.recorded_topk_idx is None:
-            return
-        valid = router._mimo_valid.to(expected.device)  # padding tokens are not compared
-        mine = router.router_replay.recorded_topk_idx[valid]
-        theirs = expected[valid].to(mine.device)
-        differ = (mine.unsqueeze(-1) != theirs.unsqueeze(-2)).all(-1).sum()  # chosen by one side only
-        self._disagree += torch.stack([torch.tensor(float(mine.numel())), differ.double().cpu()]).to(self._disagree)
+class RLObjective:
+    """The RL loss of one micro-batch and the step's metrics, shared by both backends' trainers.
+    It reads the forward's `MiMoOutput` (per-depth cross-entropy at the sampling temperature,
+    masks, top-1 hits, the kept main logits) and the trainer's `rl`, `domains`, `weights`,
+    `config`, `layout`, `device` and `_disagree`."""
 
     def _distill_kl(self, mb, out: MiMoOutput, logp, mask):
         """rl.distill_loss full / topk: the loss sum_t token_weight * IS weight * KL_t (the
@@ -142,37 +107,6 @@ class RLTrainer(Trainer):
             reported = torch.cat([reported, domain_sums])
         return total * scale, reported
 
-    def _rl_forward_step(self, counts, num_microbatches, data_iterator, model):
-        mb = self.to_device(next(data_iterator))
-        self._replay(mb)
-        out = model(mb["tokens"], position_ids=mb["position_ids"], labels=mb["labels"],
-                    loss_mask=mb["loss_mask"].float(), packed_seq_params=packed_params(mb))
-        return out, functools.partial(self._rl_loss, counts, num_microbatches, mb)
-
-    def train_rl_step(self, micro_batches: list[dict]) -> StepResult:
-        t0 = time.time()
-        counts = self.depth_token_counts(micro_batches)
-        for m in self.model:
-            m.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        self.router_stats.reset()
-        self._disagree.zero_()
-        n = len(micro_batches)
-        results = get_forward_backward_func()(
-            forward_step_func=functools.partial(self._rl_forward_step, counts, n),
-            data_iterator=[iter(micro_batches) for _ in self.model] if len(self.model) > 1 else iter(micro_batches),
-            model=self.model if len(self.model) > 1 else self.model[0],
-            num_microbatches=n, seq_length=micro_batches[0]["tokens"].shape[1], micro_batch_size=1,
-            forward_only=False)
-        for _, router in self.routers:
-            if router.router_replay is not None:
-                router.router_replay.clear_router_replay_action()
-                router.router_replay.clear_indices()
-        metrics = self._reduce_rl_metrics(results, counts)
-        result = self.update(metrics, metrics["loss/policy"])
-        metrics["train/seconds"] = time.time() - t0
-        return result
-
     def _reduce_rl_metrics(self, results: list, counts: torch.Tensor) -> dict:
         depths = len(self.weights)
         size = 1 + len(LOSS_SUMS) + 1 + 2 * (depths - 1) + 4 * len(self.domains)
@@ -208,3 +142,85 @@ class RLTrainer(Trainer):
         if not self.rl.routing_replay and disagree[0] > 0:
             m["moe/router_disagreement"] = float(disagree[1] / disagree[0])
         return m
+
+
+class RLTrainer(RLObjective, Trainer):
+    routing_replay = True  # build routers with megatron's replay hooks (replay or record)
+
+    def __init__(self, config, layout, rl: RLConfig):
+        self.rl = rl
+        super().__init__(config, layout)
+        self.routers: list[tuple[int, TopKRouter]] = []
+        moe_layers = [i for i in range(config.model.num_hidden_layers) if config.model.is_moe(i)]
+        # full / topk distillation: the KL to each domain's teacher, summed per domain for metrics.
+        self.domains = rl.distill_domains if rl.distill_loss != "sampled" else []
+        for chunk in self.model:
+            bare = chunk.module
+            bare.detach_mtp, bare.logit_temperature = True, rl.temperature
+            bare.keep_main_logits = bool(self.domains)
+            for module in bare.modules():
+                if isinstance(module, TopKRouter):
+                    self.routers.append((moe_layers.index(module.layer_number - 1), module))
+                    module.register_forward_hook(self._compare_routing)
+        self._disagree = torch.zeros(2, dtype=torch.float64, device=self.device)  # (token-experts compared, differing)
+
+    def _replay(self, mb: dict) -> None:
+        """Give every local router its tokens' engine-chosen experts (this TP rank's slice of
+        the sequence under sequence parallel), to replay or to compare with."""
+        routed, valid = mb.get("routed"), mb.get("routed_valid")
+        for index, router in self.routers:
+            if routed is None or router.router_replay is None:
+                router._mimo_expected = None
+                continue
+            experts, mine = routed[0, :, index], valid[0]  # [tokens, k], [tokens]
+            if self.tconfig.sequence_parallel and self.layout.tp > 1:
+                rank = parallel_state.get_tensor_model_parallel_rank()
+                experts, mine = experts.chunk(self.layout.tp)[rank], mine.chunk(self.layout.tp)[rank]
+            router._mimo_expected, router._mimo_valid = experts, mine
+            router.router_replay.clear_indices()
+            if self.rl.routing_replay:
+                router.router_replay.set_target_indices(experts)
+                router.router_replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+            else:
+                router.router_replay.set_router_replay_action(RouterReplayAction.RECORD)
+
+    def _compare_routing(self, router, inputs, output) -> None:
+        expected = getattr(router, "_mimo_expected", None)
+        if expected is None or self.rl.routing_replay or router.router_replay.recorded_topk_idx is None:
+            return
+        valid = router._mimo_valid.to(expected.device)  # padding tokens are not compared
+        mine = router.router_replay.recorded_topk_idx[valid]
+        theirs = expected[valid].to(mine.device)
+        differ = (mine.unsqueeze(-1) != theirs.unsqueeze(-2)).all(-1).sum()  # chosen by one side only
+        self._disagree += torch.stack([torch.tensor(float(mine.numel())), differ.double().cpu()]).to(self._disagree)
+
+    def _rl_forward_step(self, counts, num_microbatches, data_iterator, model):
+        mb = self.to_device(next(data_iterator))
+        self._replay(mb)
+        out = model(mb["tokens"], position_ids=mb["position_ids"], labels=mb["labels"],
+                    loss_mask=mb["loss_mask"].float(), packed_seq_params=packed_params(mb))
+        return out, functools.partial(self._rl_loss, counts, num_microbatches, mb)
+
+    def train_rl_step(self, micro_batches: list[dict]) -> StepResult:
+        t0 = time.time()
+        counts = self.depth_token_counts(micro_batches)
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.router_stats.reset()
+        self._disagree.zero_()
+        n = len(micro_batches)
+        results = get_forward_backward_func()(
+            forward_step_func=functools.partial(self._rl_forward_step, counts, n),
+            data_iterator=[iter(micro_batches) for _ in self.model] if len(self.model) > 1 else iter(micro_batches),
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=n, seq_length=micro_batches[0]["tokens"].shape[1], micro_batch_size=1,
+            forward_only=False)
+        for _, router in self.routers:
+            if router.router_replay is not None:
+                router.router_replay.clear_router_replay_action()
+                router.router_replay.clear_indices()
+        metrics = self._reduce_rl_metrics(results, counts)
+        result = self.update(metrics, metrics["loss/policy"])
+        metrics["train/seconds"] = time.time() - t0
+        return result

@@ -79,6 +79,9 @@ class DeepSpeedTrainer:
         self.config, self.layout = config, layout
         self.device = device()
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asks for it; a plain `python` run has none
+        # DeepSpeed's comm layer adopts our process group (joined by parallel.setup); without this
+        # its ZeRO-3 init would see a world of one.
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
         world = dist.get_world_size()
         per_rank = config.train.global_batch // config.train.micro_batch
         if per_rank % world:
