@@ -1,6 +1,8 @@
-"""Training-step throughput: our megatron-core trainer vs transformers' MiMoV2FlashForCausalLM.
+"""Training-step throughput: our megatron-core trainer vs transformers' MiMoV2FlashForCausalLM,
+or vs the DeepSpeed backend (trainer=deepspeed).
 
     python tools/bench_train.py [--model small] [--seq 256] [--batch 4] [--steps 5] [--dtype auto]
+    python tools/bench_train.py --backend deepspeed [--zero-stage 3] [--model small] ...
 
 Both train the same config (MTP layers off, since transformers' model has none) on the same
 token batch, on the same device and in the same precision, one process, AdamW, in this one run:
@@ -11,11 +13,32 @@ and GPU work is synchronised before each clock read. Precision: fp32 on CPU; on 
 bf16 autocast, its usual mixed precision), or --dtype fp32 for both. The JSON gives tokens/s of
 each, the ratio, and where it ran (tools/bench_env.py). Ours also reports its step with the MTP
 depths on, the configuration we train.
+
+--backend deepspeed times the two trainers the project has, Trainer (megatron-core) and
+DeepSpeedTrainer (ZeRO, one rank), on one model function both express: the preset made dense
+(moe_layer_freq all 0) and without MTP layers, since a DeepSpeed student is a plain transformers
+causal LM. The megatron trainer is built first; its initial weights go through the project's own
+export (a weights-only checkpoint, then convert.export_checkpoint) into the serving directory
+that DeepSpeed's transformers MiMoV2FlashForCausalLM loads, so both start from equal weights.
+Both then take the same packed micro-batches (one train_step per optimizer step, the batch's rows
+as micro-batches of one packed row), in the same dtype (bf16 on a GPU: bf16 parameters with fp32
+master weights on both sides), AdamW with the same betas, eps, weight decay groups (none on 1-D
+parameters), global-norm clipping and learning-rate schedule, warmed up by 2 steps. What still
+differs: the forward itself (our megatron model and its attention, vs transformers' eager
+attention and a full-vocabulary cross-entropy), the optimizer wrappers named in the JSON
+("optimizers": megatron's distributed optimizer over one contiguous gradient buffer, ZeRO's
+partitioned one), and under bf16 the gradient accumulation dtype (megatron reduces in fp32;
+DeepSpeed's data_types.grad_accum_dtype is left at its default, the model's). Equal math is
+checked, not assumed: the JSON gives both losses of step 1 (same weights, same batch) and of
+step 2 (after one update each) and their differences; each side sums a micro-batch's token
+losses in fp32, so a difference below that sum's rounding (about 1e-7 relative) reads as 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.metadata
 import json
 import os
 import sys
@@ -61,18 +84,29 @@ def timed(step, steps: int, device: torch.device, warmup: int = 2) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def ours(model: str, mtp: int, rows: list[dict], steps: int, device: torch.device, bf16: bool) -> float:
+def megatron_trainer(overrides: list[str], n_rows: int, device: torch.device, bf16: bool):
+    """Our Trainer on one process, one optimizer step per batch of `n_rows` packed rows."""
     from mimo_train.parallel.layout import check_layout
     from mimo_train.parallel.setup import init_distributed
     from mimo_train.training.config import load_config
     from mimo_train.training.trainer import Trainer
 
-    cfg = load_config(["recipe=pretrain", f"model={model}", f"model.num_nextn_predict_layers={mtp}",
-                       f"train.global_batch={len(rows)}", "train.micro_batch=1", "optim.warmup_steps=0",
-                       f"train.bf16={str(bf16).lower()}"])
+    cfg = load_config(["recipe=pretrain", *overrides, *step_overrides(n_rows, bf16)])
     init_distributed(seed=0)
-    trainer = Trainer(cfg, check_layout(cfg.model, 1, 1, 1, 1, None, len(rows), 1))
+    trainer = Trainer(cfg, check_layout(cfg.model, 1, 1, 1, 1, None, n_rows, 1))
     assert trainer.device.type == device.type, f"our trainer runs on {trainer.device}, the baseline on {device}"
+    return cfg, trainer
+
+
+def step_overrides(n_rows: int, bf16: bool) -> list[str]:
+    """What both trainers are given alike: the batch as micro-batches of one packed row, the LR
+    at its peak from step 1 (no warmup), the precision."""
+    return [f"train.global_batch={n_rows}", "train.micro_batch=1", "optim.warmup_steps=0",
+            f"train.bf16={str(bf16).lower()}"]
+
+
+def ours(model: str, mtp: int, rows: list[dict], steps: int, device: torch.device, bf16: bool) -> float:
+    _, trainer = megatron_trainer([f"model={model}", f"model.num_nextn_predict_layers={mtp}"], len(rows), device, bf16)
     return timed(lambda: trainer.train_step(rows), steps, device)
 
 
@@ -100,6 +134,89 @@ def transformers_step(model: str, rows: list[dict], steps: int, device: torch.de
     return timed(step, steps, device)
 
 
+def dense(model: str) -> list[str]:
+    """The preset as a model both backends express: every MLP dense, no MTP layers."""
+    from mimo_train.model.config import ModelConfig
+
+    layers = ModelConfig.preset(model).num_hidden_layers
+    return [f"model={model}", "model.num_nextn_predict_layers=0", f"model.moe_layer_freq=[{','.join('0' * layers)}]"]
+
+
+def export_initial(cfg, trainer, work: Path, bf16: bool) -> Path:
+    """The megatron model's weights as they are now, through the project's own export path (a
+    weights-only checkpoint, then the serving directory), for the DeepSpeed side to load."""
+    from mimo_train.convert import export_checkpoint
+
+    state = {**trainer.state(), "model": dataclasses.asdict(cfg.model), "layout": dataclasses.asdict(trainer.layout),
+             "recipe": cfg.recipe}
+    iter_dir = trainer.save_checkpoint(work / "checkpoints", state, keep_last=1)
+    out = work / "serving"
+    export_checkpoint(iter_dir, out, dtype="bf16" if bf16 else "fp32", mtp=False, tokenizer=None, progress=False)
+    return out
+
+
+def deepspeed_trainer(model_dir: Path, model: str, n_rows: int, bf16: bool, zero_stage: int):
+    from mimo_train.parallel.layout import check_layout
+    from mimo_train.training.config import load_config
+    from mimo_train.training.deepspeed_trainer import DeepSpeedTrainer
+
+    cfg = load_config(["recipe=pretrain", *dense(model), "trainer=deepspeed", f"trainer.model_dir={model_dir}",
+                       f"trainer.zero_stage={zero_stage}", *step_overrides(n_rows, bf16)])
+    return DeepSpeedTrainer(cfg, check_layout(cfg.model, 1, 1, 1, 1, None, n_rows, 1))
+
+
+def optimizer_names(optimizer) -> list[str]:
+    """The wrapper and the update rule inside it, e.g. Float16OptimizerWithFloat16Params(torch.optim.AdamW)."""
+    names = []
+    for o in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        inner = getattr(o, "optimizer", None)
+        rule = f"{type(inner).__module__}.{type(inner).__name__}" if inner is not None else "-"
+        names.append(f"{type(o).__name__}({rule.replace('torch.optim.adamw', 'torch.optim')})")
+    return names
+
+
+def versus_deepspeed(model: str, rows: list[dict], steps: int, device: torch.device, bf16: bool,
+                     zero_stage: int) -> dict:
+    """Megatron Trainer vs DeepSpeedTrainer from equal weights on equal batches (module docstring).
+    The two are timed step by step in turn, so that a load on the machine that comes and goes
+    slows both alike rather than whichever ran during it."""
+    import tempfile
+
+    torch.manual_seed(0)
+    cfg, meg = megatron_trainer(dense(model), len(rows), device, bf16)
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as work:
+        served = export_initial(cfg, meg, Path(work), bf16)
+        ds = deepspeed_trainer(served, model, len(rows), bf16, zero_stage)
+    trainers = {"megatron": meg, "deepspeed": ds}
+    losses = {name: [] for name in trainers}
+    seconds = {name: [] for name in trainers}
+    for i in range(2 + steps):  # 2 warm-up steps each (their losses are the parity check), then the timed ones
+        for name, trainer in trainers.items():
+            sync(device)
+            start = time.perf_counter()
+            result = trainer.train_step(rows)
+            sync(device)
+            if i >= 2:
+                seconds[name].append(time.perf_counter() - start)
+            losses[name].append(result.metrics["loss/main"])
+    tokens = sum(int(r["tokens"].numel()) for r in rows)
+    per_s = {name: tokens * len(s) / sum(s) for name, s in seconds.items()}
+    parity = {}
+    for step in (1, 2):
+        a, b = losses["megatron"][step - 1], losses["deepspeed"][step - 1]
+        parity[f"step{step}"] = {"megatron": a, "deepspeed": b, "abs_diff": abs(a - b), "rel_diff": abs(a - b) / abs(a)}
+    return {
+        "zero_stage": zero_stage,
+        "optimizers": {"megatron": optimizer_names(meg.optimizer), "deepspeed": optimizer_names(ds.optimizer)},
+        "megatron_tokens_per_s": round(per_s["megatron"], 1),
+        "deepspeed_tokens_per_s": round(per_s["deepspeed"], 1),
+        "ratio_deepspeed_vs_megatron": round(per_s["deepspeed"] / per_s["megatron"], 3),
+        "step_seconds": {name: [round(t, 4) for t in s] for name, s in seconds.items()},
+        # step 1: the same weights on the same batch; step 2: after one optimizer update on each side.
+        "loss": parity,
+    }
+
+
 def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="small")
@@ -108,6 +225,9 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                         help="auto: bf16 on a GPU, fp32 on CPU (what runs use)")
+    parser.add_argument("--backend", choices=["transformers", "deepspeed"], default="transformers",
+                        help="what our megatron trainer is timed against")
+    parser.add_argument("--zero-stage", type=int, choices=[2, 3], default=3, help="--backend deepspeed: ZeRO stage")
     args = parser.parse_args(argv)
     from mimo_train.model.config import ModelConfig
 
@@ -115,6 +235,14 @@ def main(argv: list[str]) -> dict:
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     rows = batch_of(ModelConfig.preset(args.model).vocab_size, args.batch, args.seq)
     tokens = args.batch * args.seq
+    if args.backend == "deepspeed":
+        env = environment(device, "bfloat16" if bf16 else "float32")
+        env["versions"]["deepspeed"] = importlib.metadata.version("deepspeed")
+        result = {"model": f"{args.model} (dense, no MTP)", "tokens_per_step": tokens, "micro_batches": args.batch,
+                  "steps": args.steps, **env,
+                  **versus_deepspeed(args.model, rows, args.steps, device, bf16, args.zero_stage)}
+        print(json.dumps(result, indent=1))
+        return result
     torch.manual_seed(0)
     t_hf = transformers_step(args.model, rows, args.steps, device, bf16)
     t_ours = ours(args.model, 0, rows, args.steps, device, bf16)
