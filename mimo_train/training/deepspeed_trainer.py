@@ -208,7 +208,7 @@ class DeepSpeedTrainer:
                        "export it (tools/export.py) and pass that as trainer.model_dir")
         elif not full:
             problem = ("checkpoint.load starts a DeepSpeed run from nothing but weights, which it takes from "
-                       "trainer.model_dir: export the checkpoint (tools/export.py --checkpoint ...) and pass that")
+                       "trainer.model_dir: export the checkpoint (tools/export.py --ckpt ...) and pass that")
         elif state.get("world_size") != dist.get_world_size() or state.get("zero_stage") != self.config.trainer.zero_stage:
             problem = (f"it was saved by {state.get('world_size')} ranks under ZeRO stage {state.get('zero_stage')} and "
                        f"this run has {dist.get_world_size()} under stage {self.config.trainer.zero_stage}; ZeRO files "
