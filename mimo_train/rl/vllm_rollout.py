@@ -7,6 +7,13 @@ every optimizer step, sends the weights it owns (`weight_stream`): the target mo
 the MTP layers into vLLM's drafter. Samples come back through the completions API, token ids in
 and out, with the log-probs of the sampled tokens after temperature.
 
+A DeepSpeed student (trainer.backend=deepspeed, any transformers causal LM) is served from its
+own directory, trainer.model_dir, as vLLM reads it: no config of ours, no padding, no drafter,
+no routed experts; its weights stream from the ZeRO engine (`zero_weights`). Its servers ignore
+the student's generation_config.json (`--generation-config vllm`): vLLM would otherwise apply
+its defaults (a repetition penalty, say) to requests that do not set them, and sample from
+another distribution than the one the trainer scores.
+
 Measured limits of vLLM 0.32 on CPU, refused here with the fix named: speculative sampling
 (MTP drafts with temperature > 0) gives different tokens for the same seeded request from run
 to run and NaN log-probs, so RL on a CPU server needs rl.spec_depth=0 (greedy MTP decoding is
@@ -16,22 +23,27 @@ needs Triton with a GPU, so routing replay needs a GPU server.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
 from mimo_train.parallel.rank0 import on_rank0
 from mimo_train.rl.teachers import tokenizer_fingerprint
 from mimo_train.rl.vllm_weight_sync import VLLMWeightSync
+from mimo_train.rl.weight_stream import MegatronWeights, ServingGeometry, WeightSource
 from mimo_train.rollout.api import Completion, Metrics
 from mimo_train.rollout.rng import request_seed
 from mimo_train.rollout.vllm.client import ServerUnavailable, VLLMClient, spec_delta
 from mimo_train.rollout.vllm.server import (ServerError, VLLMServer, first_error, free_port, read_model_dir,
                                             vllm_config, write_model_dir)
 from mimo_train.training.config import RunConfig
+from mimo_train.training.hf_student import read_config
 from mimo_train_vllm.wire import DTYPES
+
 # What must agree between a server's config.json and the trainer's model for their functions to match.
 FUNCTION_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "moe_intermediate_size",
                    "num_attention_heads", "num_key_value_heads", "head_dim", "v_head_dim", "swa_num_attention_heads",
@@ -39,6 +51,9 @@ FUNCTION_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "intermedia
                    "sliding_window_size", "moe_layer_freq", "n_routed_experts", "num_experts_per_tok",
                    "add_swa_attention_sink_bias", "add_full_attention_sink_bias", "rope_theta", "swa_rope_theta",
                    "partial_rotary_factor", "attention_value_scale")
+# The same for a transformers student (trainer.backend=deepspeed), read from both config.json files.
+STUDENT_FIELDS = ("model_type", "architectures", "vocab_size", "hidden_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "intermediate_size", "head_dim", "tie_word_embeddings")
 
 
 class VLLMRollout:
@@ -47,7 +62,9 @@ class VLLMRollout:
         self.max_len = max_len
         self.cuda = torch.cuda.is_available()
         self.dtype = self.v.dtype_on(self.cuda)
-        self.geometry = self.v.geometry(self.cfg, self.cuda)
+        self.student = config.trainer.model_dir if config.trainer.backend == "deepspeed" else None
+        # A student is served as its directory says: no geometry of ours.
+        self.geometry = ServingGeometry() if self.student else self.v.geometry(self.cfg, self.cuda)
         depth = self.rl.spec_depth if self.rl.spec_depth is not None else self.cfg.num_nextn_predict_layers
         self.spec_depth = min(depth, self.cfg.num_nextn_predict_layers)
         self.routes = self.cuda and any(self.cfg.moe_layer_freq)
@@ -59,14 +76,22 @@ class VLLMRollout:
         self._ids = itertools.count()
         try:
             on_rank0(self._start_servers, share=False)
-            self.sync = VLLMWeightSync(self.clients, self.cfg, dtype=DTYPES[self.dtype], geometry=self.geometry,
-                                       drafter=self.spec_depth > 0, bucket_bytes=int(self.v.bucket_mb * (1 << 20)),
-                                       host=self.v.transfer_host, timeout_s=self.v.transfer_timeout_s)
+            self.sync = VLLMWeightSync(self.clients, source=self._weight_source(), drafter=self.spec_depth > 0,
+                                       bucket_bytes=int(self.v.bucket_mb * (1 << 20)), host=self.v.transfer_host,
+                                       timeout_s=self.v.transfer_timeout_s)
         except BaseException:
             self.close()
             raise
 
     # ---- set-up ----------------------------------------------------------------------------------
+    def _weight_source(self) -> WeightSource:
+        """Where the trainer's weights come from: one source per trainer kind."""
+        if self.student:
+            from mimo_train.rl.zero_weights import ZeroWeights
+
+            return ZeroWeights(DTYPES[self.dtype], model_dir=self.student)
+        return MegatronWeights(self.cfg, DTYPES[self.dtype], self.geometry)
+
     def _check(self) -> None:
         if not self.cuda and self.spec_depth > 0:
             raise ValueError(
@@ -89,8 +114,11 @@ class VLLMRollout:
                 self.clients.append(client)
         else:
             run_dir = self.config.run_dir / "vllm"
-            model_dir = write_model_dir(run_dir / "model", self.cfg, self.config.data.tokenizer,
-                                        pad_v_head=self.geometry.pad_v_head)
+            if self.student:  # served as it is; its weights stream in like ours
+                model_dir = Path(self.student).resolve()
+            else:
+                model_dir = write_model_dir(run_dir / "model", self.cfg, self.config.data.tokenizer,
+                                            pad_v_head=self.geometry.pad_v_head)
             ports = [free_port(self.v.host) if self.v.port == 0 else self.v.port + i for i in range(self.v.servers)]
             for i, port in enumerate(ports):
                 spec = self.v.server_spec(
@@ -98,6 +126,8 @@ class VLLMRollout:
                     tensor_parallel=self.v.tensor_parallel, expert_parallel=self.v.expert_parallel,
                     max_model_len=self.max_len + self.spec_depth + 1, max_num_seqs=self.rl.engine_max_batch,
                     spec_depth=self.spec_depth, seed=self.config.train.seed, return_routed_experts=self.routes)
+                if self.student:
+                    spec = dataclasses.replace(spec, extra_args=["--generation-config", "vllm", *spec.extra_args])
                 self.servers.append(VLLMServer(spec).start())
             for server in self.servers:  # they start side by side; wait for each
                 server.wait_ready(self.v.startup_timeout_s)
@@ -113,18 +143,23 @@ class VLLMRollout:
         theirs, tokenizer = read_model_dir(root)
         if theirs is None:
             return
-        mine = vllm_config(self.cfg, pad_v_head=self.geometry.pad_v_head)
-        wrong = [f"{k}: server {theirs.get(k)!r}, trainer needs {mine[k]!r}" for k in FUNCTION_FIELDS
-                 if theirs.get(k) != mine[k]]
+        if self.student:
+            mine, theirs = student_facts(read_config(self.student)), student_facts(theirs)
+            wrong = [f"{k}: server {theirs[k]!r}, student {mine[k]!r}" for k in STUDENT_FIELDS if theirs[k] != mine[k]]
+            fix = f"Start it from trainer.model_dir ({self.student}) or a copy of it"
+        else:
+            mine = vllm_config(self.cfg, pad_v_head=self.geometry.pad_v_head)
+            wrong = [f"{k}: server {theirs.get(k)!r}, trainer needs {mine[k]!r}" for k in FUNCTION_FIELDS
+                     if theirs.get(k) != mine[k]]
+            fix = "Start it from a directory written by mimo_train.rollout.vllm.server.write_model_dir (docs/vllm.md)"
         served = tokenizer_fingerprint(tokenizer)
         ours = tokenizer_fingerprint(self.config.data.tokenizer)
         if served and ours and served != ours:
             wrong.append(f"tokenizer: server {root} (fingerprint {served}), trainer {self.config.data.tokenizer} "
                          f"(fingerprint {ours})")
         if wrong:
-            raise ValueError(f"vLLM server {client.url} serves {root}, which is not this run's model: {'; '.join(wrong)}. "
-                             "Start it from a directory written by mimo_train.rollout.vllm.server.write_model_dir "
-                             "(docs/vllm.md)")
+            raise ValueError(f"vLLM server {client.url} serves {root}, which is not this run's model: "
+                             f"{'; '.join(wrong)}. {fix}")
 
     # ---- weights ---------------------------------------------------------------------------------
     def push_weights(self, model_chunks, version: int, *, draft_only: bool = False) -> dict:
@@ -217,3 +252,20 @@ class VLLMRollout:
             server.stop()
         self.servers = []
 
+
+
+def student_facts(hf: dict) -> dict:
+    """STUDENT_FIELDS of a transformers config.json, with the defaults of its config class filled
+    in (save_pretrained leaves out values equal to them, so two files of one model can differ in
+    what they spell out). Only classes transformers ships are built: never remote code."""
+    from transformers import CONFIG_MAPPING
+
+    kind = hf.get("model_type")
+    facts = {k: hf.get("text_config", hf).get(k) for k in STUDENT_FIELDS}
+    if kind in CONFIG_MAPPING and not hf.get("auto_map"):
+        config = CONFIG_MAPPING[kind].from_dict(hf)
+        text = config.get_text_config()  # the sizes of a multimodal model's language part
+        facts = {k: getattr(text, k, None) for k in STUDENT_FIELDS}
+        facts["tie_word_embeddings"] = getattr(config, "tie_word_embeddings", None)
+    facts["model_type"], facts["architectures"] = kind, hf.get("architectures")
+    return facts

@@ -1,11 +1,14 @@
 """Weight sync into vLLM servers: the trainer's side of our transfer engine (mimo_train_vllm).
 
 Every trainer rank joins one transfer group per server (trainer ranks first, then the server's
-workers) and, per update, streams the pieces it owns (`weight_stream`): the target model, then
+workers) and, per update, streams what its trainer's weight source gives it (`weight_stream`:
+megatron's shards, or a DeepSpeed engine's parameters, `zero_weights`): the target model, then
 the MTP layers into vLLM's drafter. Rank 0 drives vLLM's RL routes around the data: pause
 (in-flight requests finish, KV and prefix caches are dropped), start / update / finish for each
 of the two models, resume. The update request carries the manifest, so the workers know what
-to receive from whom; it returns when they have loaded everything.
+to receive from whom; it returns when they have loaded everything. Every server is updated in
+the same round: each bucket is packed once and sent to the workers of every server before the
+next is made, so the memory a rank adds is one bucket whatever the number of servers.
 """
 
 from __future__ import annotations
@@ -18,16 +21,22 @@ import torch.distributed as dist
 
 from mimo_train.model.config import ModelConfig
 from mimo_train.parallel.rank0 import on_rank0
-from mimo_train.rl.weight_stream import ServingGeometry, local_pieces, plan_stream, send_buckets
+from mimo_train.rl.weight_stream import MegatronWeights, ServingGeometry, Stream, WeightSource
 from mimo_train.rollout.vllm.server import free_port
 from mimo_train_vllm import wire
 
 
 class VLLMWeightSync:
-    def __init__(self, clients, cfg: ModelConfig, *, dtype: torch.dtype, geometry: ServingGeometry, drafter: bool,
-                 bucket_bytes: int, host: str = "127.0.0.1", timeout_s: float = 300.0):
-        """Every rank; `clients` (VLLMClient per server) matter on rank 0 only."""
-        self.clients, self.cfg, self.dtype, self.geometry = clients, cfg, dtype, geometry
+    def __init__(self, clients, cfg: ModelConfig | None = None, *, dtype: torch.dtype = torch.float32,
+                 geometry: ServingGeometry = ServingGeometry(), drafter: bool, bucket_bytes: int,
+                 host: str = "127.0.0.1", timeout_s: float = 300.0, source: WeightSource | None = None):
+        """Every rank; `clients` (VLLMClient per server) matter on rank 0 only. `source`: where the
+        weights come from; by default the megatron model of `cfg`, in `dtype`, shaped by `geometry`."""
+        if source is None:
+            if cfg is None:
+                raise ValueError("VLLMWeightSync needs a weight source, or the megatron model's config")
+            source = MegatronWeights(cfg, dtype, geometry)
+        self.clients, self.source = clients, source
         self.drafter, self.bucket_bytes = drafter, bucket_bytes
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
@@ -51,31 +60,41 @@ class VLLMWeightSync:
         """Every rank: this rank's weights into every server; the servers' policy version becomes
         `version`. Returns what was sent (bytes, the largest bucket, seconds)."""
         t0 = time.time()
-        pieces = local_pieces(model_chunks, self.cfg, dtype=self.dtype, geometry=self.geometry)
-        plan = plan_stream(pieces, self.bucket_bytes)
+        stream = self.source.open(model_chunks, self.bucket_bytes)
+        plan = stream.plan
         rounds = ([] if draft_only else [(False, plan.main)]) + ([(True, plan.draft)] if self.drafter and plan.draft
                                                                  else [])
         on_rank0(lambda: [c.pause() for c in self.clients], share=False)
         largest = 0
-        for i, link in enumerate(self.links):
-            for draft, buckets in rounds:
-                largest = max(largest, self._round(i, link, draft, buckets, pieces, version))
+        for draft, buckets in rounds:
+            largest = max(largest, self._round(draft, buckets, stream, version))
         on_rank0(lambda: [c.resume() for c in self.clients], share=False)
         return {"sync/bytes": plan.nbytes, "sync/largest_bucket_bytes": largest,
                 "sync/buckets": len(plan.main) + len(plan.draft), "time/sync_stream": time.time() - t0}
 
-    def _round(self, i: int, link: wire.Link, draft: bool, buckets: list[wire.Bucket], pieces, version: int) -> int:
-        client = self.clients[i] if self.rank == 0 else None
-        on_rank0(lambda: client.start_weight_update(draft=draft), share=False)
-        box: dict = {}
-        thread = None
-        if self.rank == 0:  # the workers receive while we send: the call returns when they have loaded it all
-            thread = _start(box, client.update_weights, [b.to_json() for b in buckets])
-        largest = send_buckets(link, buckets, pieces, self.rank, self.workers[i])
+    def _round(self, draft: bool, buckets: list[wire.Bucket], stream: Stream, version: int) -> int:
+        """One model (target or drafter) into every server: returns the largest bucket this rank sent."""
+        on_rank0(lambda: [c.start_weight_update(draft=draft) for c in self.clients], share=False)
+        updates = []
+        if self.rank == 0:  # the workers receive while we send: each call returns when they have loaded it all
+            manifest = [b.to_json() for b in buckets]
+            for client in self.clients:
+                box: dict = {}
+                updates.append((_start(box, client.update_weights, manifest), box))
+        largest = 0
+        device = self.links[0].device if self.links else "cpu"
+        for _, flat in stream.packed(buckets, self.rank, device):
+            for link, workers in zip(self.links, self.workers):
+                for worker in workers:
+                    link.send(flat, worker)
+            largest = max(largest, flat.numel() * flat.element_size())
+            del flat
 
         def finish():
-            _join(thread, box)
-            client.finish_weight_update(version)
+            for thread, box in updates:
+                _join(thread, box)
+            for client in self.clients:
+                client.finish_weight_update(version)
 
         on_rank0(finish, share=False)
         return largest

@@ -10,12 +10,19 @@ of the server. The extra memory a rank holds is one bucket (plus one piece being
 where the server's geometry differs: `ServingGeometry`), whatever the model's size.
 The main model and the MTP layers travel as two plans: vLLM loads them into two models
 (the target and the drafter).
+
+Where the weights come from is a *weight source*, one per trainer kind (`WeightSource`): the
+megatron model's shards here (`MegatronWeights`), a DeepSpeed ZeRO engine's transformers model in
+`mimo_train.rl.zero_weights`. A source opens a `Stream` per update: the plan (the same on every
+rank) and, bucket by bucket, the packed data of the buckets this rank sends; the sync
+(`vllm_weight_sync`) only moves those buffers, whatever the trainer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -135,18 +142,63 @@ def plan_stream(pieces: list[LocalPiece], bucket_bytes: int, *, group=None) -> S
     return StreamPlan(main, draft, bucket_bytes)
 
 
+class Stream(Protocol):
+    """One update's weights: `plan` (the same on every rank) and `packed`, which every rank
+    iterates over the same buckets (a source may run a collective per bucket) and which yields
+    (bucket, flat buffer) for the buckets this rank sends, one buffer alive at a time."""
+
+    plan: StreamPlan
+
+    def packed(self, buckets: list[wire.Bucket], rank: int,
+               device: str = "cpu") -> Iterator[tuple[wire.Bucket, torch.Tensor]]:
+        ...
+
+
+class WeightSource(Protocol):
+    """Where a trainer's weights come from (one implementation per trainer kind)."""
+
+    def open(self, model_chunks, bucket_bytes: int) -> Stream:
+        """Collective over the trainer's ranks: this update's stream."""
+        ...
+
+
+class PieceStream:
+    """A stream of pieces each rank already holds (megatron's shards): packing is a copy."""
+
+    def __init__(self, plan: StreamPlan, pieces: list[LocalPiece]):
+        self.plan = plan
+        self.by_name: dict[str, list[LocalPiece]] = {}
+        for p in pieces:
+            self.by_name.setdefault(p.piece.name, []).append(p)
+
+    def packed(self, buckets: list[wire.Bucket], rank: int,
+               device: str = "cpu") -> Iterator[tuple[wire.Bucket, torch.Tensor]]:
+        for bucket in buckets:
+            if bucket.src == rank:
+                yield bucket, wire.pack(bucket, (_rows(self.by_name, part) for part in bucket.pieces), device=device)
+
+
+@dataclass
+class MegatronWeights:
+    """The megatron trainer's model chunks: every rank sends the shards it owns, under the
+    serving names of `cfg` in `geometry`, in `dtype` (fp32 where the export keeps it)."""
+
+    cfg: ModelConfig
+    dtype: torch.dtype
+    geometry: ServingGeometry = field(default_factory=ServingGeometry)
+
+    def open(self, model_chunks, bucket_bytes: int) -> PieceStream:
+        pieces = local_pieces(model_chunks, self.cfg, dtype=self.dtype, geometry=self.geometry)
+        return PieceStream(plan_stream(pieces, bucket_bytes), pieces)
+
+
 def send_buckets(link: wire.Link | None, buckets: list[wire.Bucket], pieces: list[LocalPiece], rank: int,
                  workers: list[int]) -> int:
     """Send this rank's buckets to every worker, one bucket in memory at a time; returns the
     largest bucket sent (bytes)."""
-    by_name: dict[str, list[LocalPiece]] = {}
-    for p in pieces:
-        by_name.setdefault(p.piece.name, []).append(p)
+    stream = PieceStream(StreamPlan(buckets, [], 0), pieces)
     largest = 0
-    for bucket in buckets:
-        if bucket.src != rank:
-            continue
-        flat = wire.pack(bucket, (_rows(by_name, part) for part in bucket.pieces), device=link.device if link else "cpu")
+    for _, flat in stream.packed(buckets, rank, device=link.device if link else "cpu"):
         for worker in workers:
             link.send(flat, worker)
         largest = max(largest, flat.numel() * flat.element_size())
@@ -169,14 +221,14 @@ def serving_tensors(model_chunks, cfg: ModelConfig, *, dtype: torch.dtype = torc
                     geometry: ServingGeometry = ServingGeometry(), bucket_bytes: int = 64 << 20) -> dict[str, torch.Tensor]:
     """One process: the whole model under serving names in `geometry`, through the same pieces and
     buckets a stream uses (what a server started from files, rather than streamed into, loads)."""
-    pieces = local_pieces(model_chunks, cfg, dtype=dtype, geometry=geometry)
-    plan = plan_stream(pieces, bucket_bytes)
-    by_name: dict[str, list[LocalPiece]] = {}
-    for p in pieces:
-        by_name.setdefault(p.piece.name, []).append(p)
+    return received(MegatronWeights(cfg, dtype, geometry).open(model_chunks, bucket_bytes))
+
+
+def received(stream: Stream, rank: int = 0) -> dict[str, torch.Tensor]:
+    """What a server's worker would load from `stream` (the buckets `rank` sends: all of them in
+    one process), through the wire's own unpacking and assembly; tensors cloned."""
     out, assembler = {}, wire.Assembler()
-    for bucket in plan.main + plan.draft:
-        flat = wire.pack(bucket, [_rows(by_name, part) for part in bucket.pieces])
+    for bucket, flat in stream.packed(stream.plan.main + stream.plan.draft, rank):
         for piece, data in wire.unpack(bucket, flat):
             for name, tensor in assembler.add(piece, data):
                 out[name] = tensor.clone()
