@@ -1,8 +1,9 @@
 """vLLM rollout for a DeepSpeed student (trainer.backend=deepspeed): the server starts from the
 student's own directory, a server for another student is refused by name, and weights streamed
 from a ZeRO-3 engine on two ranks, in buckets no larger than the bound, make the server compute
-what transformers computes with the engine's weights. The weight source's names and data are
-those save_pretrained writes (tied lm_head left out), checked without a server."""
+what transformers computes with the engine's weights. Without a server: the weight source's
+names and data are those save_pretrained writes (tied lm_head left out), from a bare model and
+from a ZeRO-2 engine, and a model whose parameters are not named as its files is refused."""
 
 import json
 import shutil
@@ -79,6 +80,20 @@ def test_zero_source_sends_what_save_pretrained_writes_in_bounded_buckets(rl_dat
     for name, tensor in files.items():
         assert torch.equal(got[name], tensor), name
     assert received(stream, rank=1) == {}  # the other ranks send nothing
+
+
+def test_a_zero2_engine_streams_its_models_weights(rl_data, student, tmp_path, megatron_single):
+    """Through the engine the trainer hands the sync ([DeepSpeedEngine]): ZeRO-2 leaves every
+    parameter whole on every rank, so nothing is gathered and the files' tensors come out."""
+    from safetensors.torch import load_file
+
+    from mimo_train.training.deepspeed_trainer import DeepSpeedTrainer
+
+    trainer = DeepSpeedTrainer(ds_config(rl_data, student, tmp_path, "trainer.zero_stage=2"), layout=None)
+    assert not any(hasattr(p, "ds_id") for p in trainer.engine.module.parameters())
+    got = received(ZeroWeights(torch.float32, model_dir=student).open(trainer.model, int(BUCKET_MB * (1 << 20))))
+    files = load_file(str(student / "model.safetensors"))
+    assert sorted(got) == sorted(files) and all(torch.equal(got[n], t) for n, t in files.items())
 
 
 def test_zero_source_refuses_parameters_missing_from_the_checkpoint(rl_data, tmp_path):
