@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -67,6 +68,9 @@ class TrainerConfig:
     model_dir: str | None = None
     zero_stage: int = 3  # 2: optimizer state and gradients sharded; 3: the parameters too
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU
+    # Entries merged (deeply) into the DeepSpeed config the trainer writes, for DeepSpeed's own
+    # knobs: +trainer.ds_config.zero_optimization.stage3_param_persistence_threshold=0
+    ds_config: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         _need(self.backend in BACKENDS, f"trainer.backend={self.backend!r}: use one of {', '.join(BACKENDS)}")

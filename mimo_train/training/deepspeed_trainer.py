@@ -46,7 +46,7 @@ def ds_config(config: RunConfig, steps_per_batch: int) -> dict:
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     world = dist.get_world_size()
-    return {
+    return merged({
         "train_micro_batch_size_per_gpu": 1,  # one packed row; train.micro_batch samples are packed into it
         "gradient_accumulation_steps": steps_per_batch,
         "train_batch_size": steps_per_batch * world,
@@ -55,7 +55,15 @@ def ds_config(config: RunConfig, steps_per_batch: int) -> dict:
         "bf16": {"enabled": bf16},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
-    }
+    }, t.ds_config)
+
+
+def merged(base: dict, extra: dict) -> dict:
+    """`base` with `extra`'s entries, nested dicts merged key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:

@@ -22,8 +22,13 @@ def student(synthetic_data, tmp_path_factory):
                                      tokenizer=synthetic_data / "tokenizer")
 
 
+# DeepSpeed keeps parameters under 1e5 elements whole on every rank under ZeRO-3 (its default
+# persistence threshold): all of a tiny model's. 0 partitions every one, as a large model's are.
+PARTITION_ALL = "+trainer.ds_config.zero_optimization.stage3_param_persistence_threshold=0"
+
+
 def ds_args(data, student, run_dir, *extra, steps: int = 3) -> list[str]:
-    return ["recipe=pretrain", "trainer=deepspeed", f"trainer.model_dir={student}", f"train.steps={steps}",
+    return ["recipe=pretrain", "trainer=deepspeed", f"trainer.model_dir={student}", PARTITION_ALL, f"train.steps={steps}",
             "train.global_batch=8", "train.micro_batch=2", "optim.warmup_steps=1", "data.seq_len=64",
             f"data.path={data}/train.jsonl", f"data.tokenizer={data}/tokenizer", f"logging.run_dir={run_dir}",
             "logging.progress=false", "logging.plot=false", *extra]
