@@ -171,6 +171,13 @@ class ServerSpec:
     stock_mtp: bool = False  # vLLM's own MTP drafter (layer 0 for every draft) instead of our plugin's
     extra_args: list[str] = field(default_factory=list)
 
+    def __post_init__(self):
+        # Absolute: the server runs in its log's directory (VLLMServer.start), where a path
+        # relative to ours (a relative logging.run_dir) would name nothing.
+        self.log = Path(self.log).resolve()
+        if Path(self.model).exists():
+            self.model = Path(self.model).resolve()
+
     def command(self) -> list[str]:
         cmd = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
                "--host", self.host, "--port", str(self.port), "--dtype", self.dtype,
