@@ -49,6 +49,17 @@ def test_mopd_two_steps_on_two_ranks_with_a_mimo_teacher(rl_data, llama, teacher
     assert (tmp_path / "checkpoints" / "latest").read_text() == "iter_0000002"
 
 
+@vllm
+def test_grpo_two_steps_in_one_process(rl_data, llama, tmp_path):
+    train(ds_args("grpo", rl_data, tmp_path, llama, "trainer.zero_stage=2"))
+    rows = metrics(tmp_path)
+    assert sorted(rows) == [1, 2]
+    for step, row in rows.items():
+        assert math.isfinite(row["loss/policy"]) and row["rollout/policy_version"] == step - 1
+        assert row["rl/ratio_mean"] == pytest.approx(1.0, abs=1e-3)
+        assert "teacher_kl/sort" not in row and "rl/teacher_minus_student_logprob" not in row  # no teachers
+
+
 def test_a_student_whose_vocabulary_is_not_the_teachers_is_refused(capsys, rl_data, teacher32, tmp_path):
     student = tool("make_student").make(tmp_path / "wide", arch="qwen2", tokenizer=rl_data / "tokenizer",
                                         vocab_size=320)

@@ -52,6 +52,22 @@ def test_two_ranks_give_the_one_process_losses(synthetic_data, student, one_proc
     assert one_process[3]["loss/main"] < one_process[1]["loss/main"]  # it trains
 
 
+def test_optimizer_offload_gives_the_same_losses(synthetic_data, student, one_process, tmp_path, megatron_single):
+    """ZeRO-Offload: optimizer state and step on the CPU (DeepSpeed's CPUAdam, built at first use)."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    from mimo_train.training.config import load_config
+    from mimo_train.training.deepspeed_trainer import DeepSpeedTrainer
+
+    args = ds_args(synthetic_data, student, tmp_path, "trainer.zero_stage=2", "trainer.offload_optimizer=true")
+    engine = DeepSpeedTrainer(load_config(args), layout=None).engine
+    assert engine.zero_cpu_offload() and isinstance(engine.optimizer.optimizer, DeepSpeedCPUAdam)
+    train(args)
+    ours = metrics(tmp_path)
+    for step in ours:
+        assert ours[step]["loss/main"] == pytest.approx(one_process[step]["loss/main"], rel=1e-6), step
+
+
 def _documents(mb: dict) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(tokens, labels, mask) of each document of a packed row, cut at `cu_seqlens`."""
     cu = mb["cu_seqlens"].tolist()
