@@ -37,6 +37,7 @@ losses in fp32, so a difference below that sum's rounding (about 1e-7 relative) 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
@@ -238,9 +239,11 @@ def main(argv: list[str]) -> dict:
     if args.backend == "deepspeed":
         env = environment(device, "bfloat16" if bf16 else "float32")
         env["versions"]["deepspeed"] = importlib.metadata.version("deepspeed")
+        # DeepSpeed logs and its op builds print to stdout: keep stdout for the one JSON.
+        with contextlib.redirect_stdout(sys.stderr):
+            timed_pair = versus_deepspeed(args.model, rows, args.steps, device, bf16, args.zero_stage)
         result = {"model": f"{args.model} (dense, no MTP)", "tokens_per_step": tokens, "micro_batches": args.batch,
-                  "steps": args.steps, **env,
-                  **versus_deepspeed(args.model, rows, args.steps, device, bf16, args.zero_stage)}
+                  "steps": args.steps, **env, **timed_pair}
         print(json.dumps(result, indent=1))
         return result
     torch.manual_seed(0)
