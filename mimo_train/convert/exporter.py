@@ -149,16 +149,20 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, dtype: str = "bf16",
         if verify:
             from mimo_train.convert.verify import verify_export  # megatron + transformers: only when asked
 
-            result = verify_export(tmp, ck.path, cfg)
-            summary["verify"] = result
-            log(f"verify ({result['reference']}): max |logit difference| = {result['max_abs_diff']:.3e} "
-                f"over {result['prompts']} prompts of {result['seq_len']} tokens")
-            if verify_tol is not None and not result["max_abs_diff"] <= verify_tol:
-                raise ConvertError(f"verification failed: max logit difference {result['max_abs_diff']:.3e} "
-                                   f"> tolerance {verify_tol:g}; nothing was written to {out}")
+            summary["verify"] = check_verification(verify_export(tmp, ck.path, cfg), verify_tol, out, log)
         atomic.commit(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial export behind
         raise
     summary["seconds"] = round(time.time() - start, 2)
     return summary
+
+
+def check_verification(result: dict, verify_tol: float | None, out: Path, log) -> dict:
+    """Report a verification (`verify_export`'s result) and refuse the export above the tolerance."""
+    log(f"verify ({result['reference']}): max |logit difference| = {result['max_abs_diff']:.3e} "
+        f"over {result['prompts']} prompts of {result['seq_len']} tokens")
+    if verify_tol is not None and not result["max_abs_diff"] <= verify_tol:
+        raise ConvertError(f"verification failed: max logit difference {result['max_abs_diff']:.3e} "
+                           f"> tolerance {verify_tol:g}; nothing was written to {out}")
+    return result

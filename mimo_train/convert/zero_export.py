@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from mimo_train.convert import atomic, serving
+from mimo_train.convert.exporter import check_verification
 from mimo_train.convert.names import DTYPES, ConvertError, shortlist
 from mimo_train.training import checkpoint as training_checkpoint
 
@@ -254,12 +255,7 @@ def export_deepspeed(ckpt: str | Path, out: str | Path, *, dtype: str = "bf16", 
         if verify:
             with _quiet(progress):
                 result = verify_export(tmp, tokens, reference)
-            summary["verify"] = result
-            log(f"verify ({result['reference']}): max |logit difference| = {result['max_abs_diff']:.3e} "
-                f"over {result['prompts']} prompts of {result['seq_len']} tokens")
-            if verify_tol is not None and not result["max_abs_diff"] <= verify_tol:
-                raise ConvertError(f"verification failed: max logit difference {result['max_abs_diff']:.3e} "
-                                   f"> tolerance {verify_tol:g}; nothing was written to {out}")
+            summary["verify"] = check_verification(result, verify_tol, out, log)
         atomic.commit(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial export behind

@@ -27,12 +27,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from mimo_train.parallel.setup import device
 from mimo_train.training import checkpoint, hf_student
 from mimo_train.training.config import RunConfig
-from mimo_train.training.trainer import StepResult
+from mimo_train.training.trainer import StepResult, lr_scheduler
 
 TAG = "zero"  # DeepSpeed's sub-directory inside iter_N/
 
@@ -113,13 +112,7 @@ class DeepSpeedTrainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds,
                                                                  dist_init_required=False)
         self.model = [self.engine]  # "model chunks", as the loops and weight sync pass them around
-        steps = config.train.steps
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
-            lr_decay_steps=steps, lr_decay_style={"cosine": "cosine", "wsd": "WSD", "constant": "constant"}[o.schedule],
-            start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=steps, wd_incr_style="constant",
-            wsd_decay_steps=max(1, int(o.wsd_decay_fraction * steps)) if o.schedule == "wsd" else None,
-            lr_wsd_decay_style="cosine" if o.schedule == "wsd" else None)
+        self.scheduler = lr_scheduler(self.optimizer, config)
         self.weights = [1.0]  # the main depth only: a transformers student has no MTP layers
         self.step = 0
         self.skipped = 0

@@ -69,6 +69,18 @@ def packed_params(mb: dict) -> PackedSeqParams:
                            max_seqlen_q=int(mb["max_seqlen"]), max_seqlen_kv=int(mb["max_seqlen"]))
 
 
+def lr_scheduler(optimizer, config: RunConfig) -> OptimizerParamScheduler:
+    """optim.schedule (cosine, WSD, constant, with warmup) over train.steps: megatron's scheduler,
+    which sets each param group's lr and weight decay (x its `wd_mult`); both backends use it."""
+    o, steps = config.optim, config.train.steps
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
+        lr_decay_steps=steps, lr_decay_style={"cosine": "cosine", "wsd": "WSD", "constant": "constant"}[o.schedule],
+        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=steps, wd_incr_style="constant",
+        wsd_decay_steps=max(1, int(o.wsd_decay_fraction * steps)) if o.schedule == "wsd" else None,
+        lr_wsd_decay_style="cosine" if o.schedule == "wsd" else None)
+
+
 def make_trainer(config: RunConfig, layout: Layout):
     """The trainer of `trainer.backend`: this module's (megatron) or DeepSpeed's."""
     if config.trainer.backend == "deepspeed":
@@ -103,13 +115,7 @@ class Trainer:
             adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.clip_grad, bf16=opt.bf16,
             params_dtype=torch.bfloat16 if opt.bf16 else torch.float32,
             use_distributed_optimizer=config.parallel.distributed_optimizer), self.model)
-        steps = config.train.steps
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
-            lr_decay_steps=steps, lr_decay_style={"cosine": "cosine", "wsd": "WSD", "constant": "constant"}[o.schedule],
-            start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=steps, wd_incr_style="constant",
-            wsd_decay_steps=max(1, int(o.wsd_decay_fraction * steps)) if o.schedule == "wsd" else None,
-            lr_wsd_decay_style="cosine" if o.schedule == "wsd" else None)
+        self.scheduler = lr_scheduler(self.optimizer, config)
         self.router_stats = RouterStats(self.model, config.model)
         self.weights = depth_weights(config)
         self.step = 0

@@ -52,6 +52,19 @@ def launch(args: list[str], nproc: int = 1, script: Path = RUN, wait: bool = Tru
     return proc.returncode, out
 
 
+def kill_once_logged(proc, run_dir: Path, step: int, timeout_s: float = 300) -> None:
+    """SIGKILL `proc` as soon as its metrics.jsonl has `step` (its checkpoint may or may not exist)."""
+    import time
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and f'"step": {step},' in (run_dir / "metrics.jsonl").read_text():
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+
+
 def train(args: list[str], nproc: int = 1) -> str:
     code, out = launch(args, nproc)
     if code != 0:

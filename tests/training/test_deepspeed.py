@@ -6,13 +6,12 @@ for a student it cannot train."""
 import json
 import math
 import shutil
-import time
 
 import pytest
 import torch
 
 from mimo_train.run import main
-from tests.training.runs import launch, metrics, tool, train
+from tests.training.runs import kill_once_logged, launch, metrics, tool, train
 
 
 @pytest.fixture(scope="module")
@@ -123,13 +122,7 @@ def test_kill_9_then_resume_is_bit_exact(synthetic_data, student, tmp_path):
     args = lambda d: ds_args(synthetic_data, student, d, "checkpoint.every=1", steps=6)  # noqa: E731
     train(args(ref_dir))
     proc = launch(args(run_dir), wait=False)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill once step 3 is logged: its checkpoint may or may not exist
-        if (run_dir / "metrics.jsonl").exists() and '"step": 3' in (run_dir / "metrics.jsonl").read_text():
-            break
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
+    kill_once_logged(proc, run_dir, step=3)
     assert (run_dir / "checkpoints" / "latest").exists()
     assert "resumed from" in train(args(run_dir))
     ours, ref = metrics(run_dir), metrics(ref_dir)

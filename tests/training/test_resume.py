@@ -2,21 +2,14 @@
 the losses equal those of a run that never stopped, bit for bit."""
 
 import os
-import time
 
-from tests.training.runs import LOSSES, ROOT, launch, metrics, tiny_args, train
+from tests.training.runs import LOSSES, ROOT, kill_once_logged, launch, metrics, tiny_args, train
 
 
 def test_kill_9_mid_run_then_resume_is_bit_exact(synthetic_data, initial_weights, reference_run, tmp_path):
     args = tiny_args(synthetic_data, tmp_path, "checkpoint.every=1", init=initial_weights)
     proc = launch(args, wait=False)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill once step 4 is logged: its checkpoint may or may not exist
-        if (tmp_path / "metrics.jsonl").exists() and '"step": 4' in (tmp_path / "metrics.jsonl").read_text():
-            break
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
+    kill_once_logged(proc, tmp_path, step=4)
     assert (tmp_path / "checkpoints" / "latest").exists()
     out = train(args)
     assert "resumed from" in out
