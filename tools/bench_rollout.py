@@ -285,7 +285,7 @@ def bench_vllm(args) -> dict:
     from mimo_train.rl.weight_stream import serving_tensors
     from mimo_train.rollout import Engine, EngineConfig, SamplingParams
     from mimo_train.rollout.vllm.client import VLLMClient, spec_delta
-    from mimo_train.rollout.vllm.server import ServerSpec, ServingGeometry, VLLMServer, free_port, write_model_dir
+    from mimo_train.rollout.vllm.server import ServerSpec, ServingGeometry, VLLMServer, write_model_dir
     from mimo_train.training.config import ROOT
 
     model_dir = Path(args.model)
@@ -307,7 +307,7 @@ def bench_vllm(args) -> dict:
     # (MTP layer 0 for every draft) beside it.
     kinds = [(k, False) for k in depths] + ([(k, True) for k in depths if k > 0] if args.stock_mtp else [])
     servers = {(k, stock): VLLMServer(ServerSpec(
-        python=str(ROOT / ".venv-vllm" / "bin" / "python"), model=served, port=free_port(),
+        python=str(ROOT / ".venv-vllm" / "bin" / "python"), model=served, port=0,
         log=work / f"server_k{k}{'_stock' if stock else ''}.log", dtype="bfloat16" if cuda else "float32",
         max_model_len=args.max_len, max_num_seqs=max(batches), spec_depth=k, kv_cache_bytes=None if cuda else 1 << 30,
         dummy_weights=False, stock_mtp=stock)).start() for k, stock in kinds}

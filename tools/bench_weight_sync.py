@@ -110,7 +110,7 @@ def main(argv: list[str]) -> dict | None:
     from mimo_train.rl.weight_gather import gather_serving_weights
     from mimo_train.rl.weight_stream import ServingGeometry
     from mimo_train.rollout.vllm.client import VLLMClient
-    from mimo_train.rollout.vllm.server import ServerSpec, VLLMServer, free_port, write_model_dir
+    from mimo_train.rollout.vllm.server import ServerSpec, VLLMServer, write_model_dir
     from mimo_train.training.config import ROOT
 
     init_distributed(tp=a.tp, seed=0)
@@ -134,7 +134,7 @@ def main(argv: list[str]) -> dict | None:
             build_tokenizer(tok)
             model_dir = write_model_dir(work / name / "model", cfg, tok, pad_v_head=False)
             server = VLLMServer(ServerSpec(python=str(ROOT / ".venv-vllm" / "bin" / "python"), model=model_dir,
-                                           port=free_port(), log=work / name / "server.log", max_model_len=64,
+                                           port=0, log=work / name / "server.log", max_model_len=64,
                                            kv_cache_bytes=64 << 20)).start()
             server.wait_ready(600)
             return None

@@ -38,7 +38,7 @@ from mimo_train.rl.weight_stream import MegatronWeights, ServingGeometry, Weight
 from mimo_train.rollout.api import Completion, Metrics
 from mimo_train.rollout.rng import request_seed
 from mimo_train.rollout.vllm.client import ServerUnavailable, VLLMClient, spec_delta
-from mimo_train.rollout.vllm.server import (ServerError, VLLMServer, first_error, free_port, read_model_dir,
+from mimo_train.rollout.vllm.server import (ServerError, VLLMServer, first_error, read_model_dir,
                                             vllm_config, write_model_dir)
 from mimo_train.training.config import RunConfig
 from mimo_train.training.hf_student import read_config
@@ -119,7 +119,7 @@ class VLLMRollout:
             else:
                 model_dir = write_model_dir(run_dir / "model", self.cfg, self.config.data.tokenizer,
                                             pad_v_head=self.geometry.pad_v_head)
-            ports = [free_port(self.v.host) if self.v.port == 0 else self.v.port + i for i in range(self.v.servers)]
+            ports = [0 if self.v.port == 0 else self.v.port + i for i in range(self.v.servers)]  # 0: free ports
             for i, port in enumerate(ports):
                 spec = self.v.server_spec(
                     cuda=self.cuda, model=model_dir, port=port, log=run_dir / f"server{i}.log",

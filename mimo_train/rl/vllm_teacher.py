@@ -29,7 +29,7 @@ import torch
 from mimo_train.rl.teachers import (TeacherSpec, TeacherUnavailable, TokenScores, _lists, check_request, empty_scores,
                                     tokenizer_fingerprint)
 from mimo_train.rollout.vllm.client import ServerUnavailable, VLLMClient
-from mimo_train.rollout.vllm.server import VLLMServer, first_error, free_port, read_model_dir, write_model_dir
+from mimo_train.rollout.vllm.server import VLLMServer, first_error, read_model_dir, write_model_dir
 
 BATCH = 64  # pairs per request: few round trips, bounded answers (each position carries k + 1 entries)
 
@@ -136,7 +136,7 @@ class VLLMTeachers:
         write_model_dir(directory / "model", cfg, policy.tokenizer or self.config.data.tokenizer,
                         pad_v_head=geometry.pad_v_head, weights=policy.weights)
         server_spec = self.v.server_spec(
-            cuda=cuda, model=directory / "model", port=free_port(self.v.host), log=directory / "server.log",
+            cuda=cuda, model=directory / "model", port=0, log=directory / "server.log",
             tensor_parallel=tp, max_model_len=self.max_len + 1,  # + the one token each scoring request generates
             max_num_seqs=BATCH, dummy_weights=False, max_logprobs=max(20, self.top_k))
         server = VLLMServer(server_spec).start()

@@ -172,6 +172,11 @@ class ServerSpec:
     extra_args: list[str] = field(default_factory=list)
 
     def __post_init__(self):
+        # port 0: a free port now, and another if it is taken by the time the server binds it
+        # (VLLMServer.wait_ready; seen when other processes of the machine opened ports meanwhile).
+        self.auto_port = self.port == 0
+        if self.auto_port:
+            self.port = free_port(self.host)
         # Absolute: the server runs in its log's directory (VLLMServer.start), where a path
         # relative to ours (a relative logging.run_dir) would name nothing.
         self.log = Path(self.log).resolve()
@@ -247,6 +252,8 @@ class VLLMServer:
         if not Path(s.python).exists():
             raise ServerError(f"no vLLM environment at {s.python}: run `make setup` (it builds .venv-vllm), or set "
                               "rollout.vllm.python to the interpreter of a virtual environment with vLLM")
+        while s.auto_port and port_in_use(s.host, s.port):
+            s.port = free_port(s.host)
         if port_in_use(s.host, s.port):
             raise ServerError(f"port {s.port} on {s.host} is in use: set rollout.vllm.port to a free port, "
                               "or 0 to pick free ports")
@@ -266,7 +273,15 @@ class VLLMServer:
         """Until GET /health answers; ServerError (with the log's last error) if the server
         exits or the time runs out."""
         deadline = time.monotonic() + timeout_s
+        rebinds = 3
         while time.monotonic() < deadline:
+            if not self.alive() and self.spec.auto_port and rebinds and "Address already in use" in first_error(self.spec.log):
+                rebinds -= 1
+                taken, self.spec.port = self.spec.port, free_port(self.spec.host)
+                self.start()
+                with open(self.spec.log, "a") as log:
+                    log.write(f"(port {taken} was taken before the server bound it: started again on {self.spec.port})\n")
+                continue
             if not self.alive():
                 raise ServerError(f"vLLM server did not start (exit code {self.proc.returncode if self.proc else None}): "
                                   f"{first_error(self.spec.log)}; command {self.describe()}")

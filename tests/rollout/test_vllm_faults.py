@@ -29,6 +29,24 @@ def test_a_port_in_use_is_refused_before_starting(spec):
             VLLMServer(spec(port=s.getsockname()[1])).start()
 
 
+@vllm
+def test_a_picked_port_taken_before_the_server_binds_it_is_picked_again(spec):
+    """port=0 picks a free port; another process can take it before vLLM binds it (seen in the
+    suite): the server starts again on another, instead of failing."""
+    need_vllm()
+    server = VLLMServer(spec(port=0)).start()
+    taken = server.spec.port
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", taken))  # before vLLM, which needs seconds of imports to reach its bind
+            s.listen()
+            server.wait_ready(600)
+            assert server.spec.port != taken
+            assert f"port {taken} was taken before the server bound it" in server.spec.log.read_text()
+    finally:
+        server.stop()
+
+
 def test_a_missing_vllm_environment_names_make_setup(spec, tmp_path):
     with pytest.raises(ServerError, match=r"no vLLM environment at .*: run `make setup`"):
         VLLMServer(spec(python=str(tmp_path / "nowhere" / "python"))).start()

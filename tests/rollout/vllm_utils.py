@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mimo_train.model.config import ModelConfig
-from mimo_train.rollout.vllm.server import ServerSpec, VLLMServer, free_port, write_model_dir
+from mimo_train.rollout.vllm.server import ServerSpec, VLLMServer, write_model_dir
 from mimo_train.training.config import ROOT
 
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -34,7 +34,7 @@ def start_server(directory: Path, cfg: ModelConfig, tokenizer: Path, *, spec_dep
     """A server on `cfg` (dummy weights until something streams them in), as the run starts one."""
     need_vllm()
     model = write_model_dir(directory / "model", cfg, tokenizer, pad_v_head=cfg.v_head_dim != cfg.head_dim)
-    spec = ServerSpec(python=str(VLLM_PYTHON), model=model, port=free_port(), log=directory / "server.log",
+    spec = ServerSpec(python=str(VLLM_PYTHON), model=model, port=0, log=directory / "server.log",
                       max_model_len=max_model_len, max_num_seqs=32, spec_depth=spec_depth, kv_cache_bytes=256 << 20)
     server = VLLMServer(spec).start()
     try:
