@@ -121,40 +121,6 @@ def attention_grouped(q, k, v, *, scale: float, q_pos, k_pos, sinks=None, window
     return out.to(v.dtype), lse.view(b, num_heads, sq)
 
 
-def attention_sdpa(q, k, v, *, scale: float, q_pos, k_pos, sinks=None, window=None, q_seg=None, k_seg=None
-                   ) -> torch.Tensor:
-    """Self-attention for training off CUDA: the reference's function through torch's fused
-    `scaled_dot_product_attention` (its CPU flash kernel: blocks of scores, never the [H, s, s]
-    fp32 scores, probabilities and their copies that autograd keeps on the reference path).
-    Returns `out` only: SDPA gives no log-sum-exp (the training forward does not read it).
-
-    The masking rule becomes SDPA's boolean mask (one [b, s, s] for every head). A sink is one
-    more key per query head whose score is s_h and whose value is zero: q gets a last channel of
-    ones, the keys a zero channel, and the sink key s_h / scale in that channel, so its scaled
-    score is s_h and the softmax denominator gains exp(s_h) exactly as in the reference; its
-    gradient reaches `sinks` through that key. Every query sees at least itself (self-attention
-    of a packed row), so no row is empty."""
-    b, sq, num_heads, dk = q.shape
-    rep = num_heads // k.shape[2]
-    allowed = ~hidden_keys(q_pos, k_pos, window=window, q_seg=q_seg, k_seg=k_seg)[:, None]  # [b, 1, sq, sk]
-    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if sinks is None:
-        out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed, scale=scale,
-                                                               enable_gqa=rep > 1)
-        return out.transpose(1, 2)
-    if rep > 1:  # each query head has its own sink key: the kv heads are expanded to the query heads
-        kh, vh = kh.repeat_interleave(rep, dim=1), vh.repeat_interleave(rep, dim=1)
-    sk = kh.shape[2]
-    qx = torch.cat([qh, qh.new_ones(b, num_heads, sq, 1)], -1)
-    sink_key = torch.cat([kh.new_zeros(b, num_heads, 1, dk),
-                          (sinks.to(kh.dtype) / scale).view(1, num_heads, 1, 1).expand(b, num_heads, 1, 1)], -1)
-    kx = torch.cat([torch.cat([kh, kh.new_zeros(b, num_heads, sk, 1)], -1), sink_key], 2)
-    vx = torch.cat([vh, vh.new_zeros(b, num_heads, 1, vh.shape[-1])], 2)
-    allowed = torch.cat([allowed, allowed.new_ones(b, 1, sq, 1)], -1)
-    out = torch.nn.functional.scaled_dot_product_attention(qx, kx, vx, attn_mask=allowed, scale=scale)
-    return out.transpose(1, 2)
-
-
 # A packed row longer than this is attended block by block on the reference path (below).
 PACKED_BLOCK = 128
 
