@@ -7,6 +7,7 @@ which no loader mistakes for a checkpoint and the next run removes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -56,3 +57,16 @@ def commit(tmp: Path, out: Path) -> Path:
     if old.exists():
         shutil.rmtree(old)
     return out
+
+
+@contextlib.contextmanager
+def output(out: Path):
+    """`start(out)` for the block, `commit` when it completes; if anything in it fails, the
+    `.tmp` is removed and the error goes on: the output is complete or absent."""
+    tmp = start(out)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit(tmp, out)

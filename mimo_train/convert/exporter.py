@@ -9,7 +9,6 @@ long enough, the tokenizer directory, the output path. Then the weights stream s
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,8 +135,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, dtype: str = "bf16",
     entries = plan(cfg, mtp=mtp, quantize=quantize_fp8)
 
     start = time.time()
-    tmp = atomic.start(out)
-    try:
+    with atomic.output(out) as tmp:  # complete or absent: never a partial export
         weight_map, total = write_shards(ck, entries, tmp, dtype=DTYPES[dtype], block=block, shard_size=limit,
                                          progress=progress)
         serving.write_metadata(tmp, cfg, dtype=dtype, mtp=mtp, fp8_block=block, tokenizer=tokenizer_files,
@@ -150,10 +148,6 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, dtype: str = "bf16",
             from mimo_train.convert.verify import verify_export  # megatron + transformers: only when asked
 
             summary["verify"] = check_verification(verify_export(tmp, ck.path, cfg), verify_tol, out, log)
-        atomic.commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial export behind
-        raise
     summary["seconds"] = round(time.time() - start, 2)
     return summary
 

@@ -40,6 +40,7 @@ from mimo_train.convert import atomic, serving
 from mimo_train.convert.exporter import check_verification
 from mimo_train.convert.names import DTYPES, ConvertError, shortlist
 from mimo_train.training import checkpoint as training_checkpoint
+from mimo_train.training import hf_student
 
 TAG = "zero"  # the tag the trainer saves DeepSpeed's files under (deepspeed_trainer.TAG)
 
@@ -75,8 +76,6 @@ def default_tokenizer(path: Path, state: dict) -> Path:
 def student_dir(path: Path, state: dict, student: str | Path | None) -> Path:
     """Where the student's config.json is: `student` if given, else the dir the run started
     from. Checked as training checks a student: no remote code, a model type transformers has."""
-    from transformers import CONFIG_MAPPING
-
     if student is None:
         recorded = state.get("student")
         if not recorded or not (Path(recorded) / "config.json").is_file():
@@ -93,12 +92,10 @@ def student_dir(path: Path, state: dict, student: str | Path | None) -> Path:
         cfg = json.loads((d / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise ConvertError(f"{where} {d}/config.json is not valid JSON: {e}") from e
-    if cfg.get("auto_map"):
-        raise ConvertError(f"{where} {d}/config.json names its own modelling code (auto_map), which would need "
-                           "trust_remote_code; this project never runs remote code")
-    if cfg.get("model_type") not in CONFIG_MAPPING:
-        raise ConvertError(f"{where} {d}/config.json: model_type {cfg.get('model_type')!r} is not one this "
-                           "transformers knows")
+    try:
+        hf_student.check_config(cfg, f"{where} {d}")  # as training checks it
+    except hf_student.StudentError as e:
+        raise ConvertError(str(e)) from None
     return d
 
 
@@ -240,8 +237,7 @@ def export_deepspeed(ckpt: str | Path, out: str | Path, *, dtype: str = "bf16", 
     tokens = _prompts(model) if verify else None
     reference = _logits(model, tokens) if verify else None  # the fp32 weights, before any rounding
     model.to(DTYPES[dtype])
-    tmp = atomic.start(out)
-    try:
+    with atomic.output(out) as tmp:  # complete or absent: never a partial export
         model.save_pretrained(tmp, max_shard_size=limit)
         for file in tokenizer_files:
             shutil.copy2(file, tmp / file.name)
@@ -256,10 +252,6 @@ def export_deepspeed(ckpt: str | Path, out: str | Path, *, dtype: str = "bf16", 
             with _quiet(progress):
                 result = verify_export(tmp, tokens, reference)
             summary["verify"] = check_verification(result, verify_tol, out, log)
-        atomic.commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial export behind
-        raise
     summary["seconds"] = round(time.time() - start, 2)
     return summary
 

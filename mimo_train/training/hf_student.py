@@ -7,7 +7,7 @@ modelling code (`auto_map`) is refused, as is one whose `model_type` this transf
 know. The forward takes our packed rows as they are: position ids restart at every document,
 and transformers builds the block-diagonal causal mask from them (`masking_utils`' packed
 sequence detection), so documents in one row do not see each other, as under megatron's
-`cu_seqlens` (tests/training/test_hf_student.py checks it against one document at a time).
+`cu_seqlens` (tests/training/test_deepspeed.py checks a step against one document at a time).
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ class StudentError(ValueError):
 
 def read_config(model_dir: str | Path) -> dict:
     """The student's config.json, checked: safetensors weights, no remote code, a known type."""
-    from transformers import CONFIG_MAPPING
-
     d = Path(model_dir)
     where = f"trainer.model_dir={model_dir}"
     if not (d / "config.json").is_file():
@@ -39,6 +37,14 @@ def read_config(model_dir: str | Path) -> dict:
                            "only safetensors are loaded (pickle files can run code): convert with "
                            "model.save_pretrained(dir, safe_serialization=True)")
     cfg = json.loads((d / "config.json").read_text())
+    check_config(cfg, where)
+    return cfg
+
+
+def check_config(cfg: dict, where: str) -> None:
+    """A config.json transformers builds with its own classes: no remote code, a known type."""
+    from transformers import CONFIG_MAPPING
+
     if cfg.get("auto_map"):
         raise StudentError(f"{where}: config.json names its own modelling code (auto_map {sorted(cfg['auto_map'])}), "
                            "which would need trust_remote_code; this project never runs remote code: use a model "
@@ -47,7 +53,6 @@ def read_config(model_dir: str | Path) -> dict:
     if kind not in CONFIG_MAPPING:
         raise StudentError(f"{where}: model_type {kind!r} is not one this transformers knows; use a model type "
                            "transformers ships (remote code is never run)")
-    return cfg
 
 
 def apply_facts(model_config, hf: dict) -> None:
