@@ -108,7 +108,7 @@ def main(argv: list[str]) -> dict | None:
     from mimo_train.parallel.setup import init_distributed
     from mimo_train.rl.vllm_weight_sync import VLLMWeightSync
     from mimo_train.rl.weight_gather import gather_serving_weights
-    from mimo_train.rl.weight_stream import ServingGeometry
+    from mimo_train.rl.weight_stream import MegatronWeights
     from mimo_train.rollout.vllm.client import VLLMClient
     from mimo_train.rollout.vllm.server import ServerSpec, VLLMServer, write_model_dir
     from mimo_train.training.config import ROOT
@@ -142,7 +142,7 @@ def main(argv: list[str]) -> dict | None:
         try:
             on_rank0(start, share=False)
             clients = [VLLMClient(server.url)] if rank == 0 else []
-            sync = VLLMWeightSync(clients, cfg, dtype=torch.float32, geometry=ServingGeometry(), drafter=False,
+            sync = VLLMWeightSync(clients, MegatronWeights(cfg, torch.float32), drafter=False,
                                   bucket_bytes=int(a.bucket_mb * 2**20))
             stream = measure(lambda: sync.push([model], version=1), a.repeats)
             gather = measure(lambda: gather_serving_weights([model], cfg), a.repeats)

@@ -76,7 +76,7 @@ class VLLMRollout:
         self._ids = itertools.count()
         try:
             on_rank0(self._start_servers, share=False)
-            self.sync = VLLMWeightSync(self.clients, source=self._weight_source(), drafter=self.spec_depth > 0,
+            self.sync = VLLMWeightSync(self.clients, self._weight_source(), drafter=self.spec_depth > 0,
                                        bucket_bytes=int(self.v.bucket_mb * (1 << 20)), host=self.v.transfer_host,
                                        timeout_s=self.v.transfer_timeout_s)
         except BaseException:
@@ -251,7 +251,6 @@ class VLLMRollout:
         for server in self.servers:
             server.stop()
         self.servers = []
-
 
 
 def student_facts(hf: dict) -> dict:

@@ -19,23 +19,17 @@ import time
 import torch
 import torch.distributed as dist
 
-from mimo_train.model.config import ModelConfig
 from mimo_train.parallel.rank0 import on_rank0
-from mimo_train.rl.weight_stream import MegatronWeights, ServingGeometry, Stream, WeightSource
+from mimo_train.rl.weight_stream import Stream, WeightSource, send_buckets
 from mimo_train.rollout.vllm.server import free_port
 from mimo_train_vllm import wire
 
 
 class VLLMWeightSync:
-    def __init__(self, clients, cfg: ModelConfig | None = None, *, dtype: torch.dtype = torch.float32,
-                 geometry: ServingGeometry = ServingGeometry(), drafter: bool, bucket_bytes: int,
-                 host: str = "127.0.0.1", timeout_s: float = 300.0, source: WeightSource | None = None):
+    def __init__(self, clients, source: WeightSource, *, drafter: bool, bucket_bytes: int, host: str = "127.0.0.1",
+                 timeout_s: float = 300.0):
         """Every rank; `clients` (VLLMClient per server) matter on rank 0 only. `source`: where the
-        weights come from; by default the megatron model of `cfg`, in `dtype`, shaped by `geometry`."""
-        if source is None:
-            if cfg is None:
-                raise ValueError("VLLMWeightSync needs a weight source, or the megatron model's config")
-            source = MegatronWeights(cfg, dtype, geometry)
+        trainer's weights come from (`weight_stream.MegatronWeights`, `zero_weights.ZeroWeights`)."""
         self.clients, self.source = clients, source
         self.drafter, self.bucket_bytes = drafter, bucket_bytes
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -81,14 +75,8 @@ class VLLMWeightSync:
             for client in self.clients:
                 box: dict = {}
                 updates.append((_start(box, client.update_weights, manifest), box))
-        largest = 0
-        device = self.links[0].device if self.links else "cpu"
-        for _, flat in stream.packed(buckets, self.rank, device):
-            for link, workers in zip(self.links, self.workers):
-                for worker in workers:
-                    link.send(flat, worker)
-            largest = max(largest, flat.numel() * flat.element_size())
-            del flat
+        largest = send_buckets(stream, buckets, self.rank, list(zip(self.links, self.workers)),
+                               device=self.links[0].device if self.links else "cpu")
 
         def finish():
             for thread, box in updates:

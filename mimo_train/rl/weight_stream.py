@@ -192,15 +192,16 @@ class MegatronWeights:
         return PieceStream(plan_stream(pieces, bucket_bytes), pieces)
 
 
-def send_buckets(link: wire.Link | None, buckets: list[wire.Bucket], pieces: list[LocalPiece], rank: int,
-                 workers: list[int]) -> int:
-    """Send this rank's buckets to every worker, one bucket in memory at a time; returns the
-    largest bucket sent (bytes)."""
-    stream = PieceStream(StreamPlan(buckets, [], 0), pieces)
+def send_buckets(stream: Stream, buckets: list[wire.Bucket], rank: int,
+                 targets: list[tuple[wire.Link, list[int]]], device: str = "cpu") -> int:
+    """Send this rank's buckets of `stream` to every worker of every (link, workers) target, one
+    bucket in memory at a time (packed once for all targets); returns the largest bucket sent
+    (bytes). Every rank calls it over the same buckets (a stream may gather per bucket)."""
     largest = 0
-    for _, flat in stream.packed(buckets, rank, device=link.device if link else "cpu"):
-        for worker in workers:
-            link.send(flat, worker)
+    for _, flat in stream.packed(buckets, rank, device):
+        for link, workers in targets:
+            for worker in workers:
+                link.send(flat, worker)
         largest = max(largest, flat.numel() * flat.element_size())
         del flat
     return largest

@@ -29,7 +29,7 @@ def send(port: int, out: Path) -> None:
     from mimo_train.model.spec import MegatronOptions
     from mimo_train.parallel.setup import init_distributed
     from mimo_train.rl.weight_gather import gather_serving_weights
-    from mimo_train.rl.weight_stream import local_pieces, plan_stream, send_buckets
+    from mimo_train.rl.weight_stream import PieceStream, local_pieces, plan_stream, send_buckets
     from mimo_train_vllm import wire
 
     init_distributed()
@@ -46,7 +46,7 @@ def send(port: int, out: Path) -> None:
         plan = plan_stream(pieces, BOUND)
         if rank == 0:
             link.store.set(f"manifest/{name}", json.dumps([b.to_json() for b in plan.main + plan.draft]))
-        largest = send_buckets(link, plan.main + plan.draft, pieces, rank, [2])
+        largest = send_buckets(PieceStream(plan, pieces), plan.main + plan.draft, rank, [(link, [2])])
         gathered = gather_serving_weights([model], cfg)
         if rank == 0:
             torch.save(gathered, out / f"{name}.gathered.pt")
@@ -75,7 +75,7 @@ def memory(port: int, out) -> None:
     from mimo_train.model.config import ModelConfig
     from mimo_train.model.gpt import build_model
     from mimo_train.parallel.setup import init_distributed
-    from mimo_train.rl.weight_stream import local_pieces, plan_stream, send_buckets
+    from mimo_train.rl.weight_stream import PieceStream, local_pieces, plan_stream, send_buckets
     from tests.training.runs import tool
 
     bench = tool("bench_weight_sync")
@@ -87,7 +87,7 @@ def memory(port: int, out) -> None:
     bound = 4 << 20
     plan = plan_stream(pieces, bound)
     with bench.PeakRSS() as rss:
-        largest = send_buckets(None, plan.main + plan.draft, pieces, rank=0, workers=[])
+        largest = send_buckets(PieceStream(plan, pieces), plan.main + plan.draft, rank=0, targets=[])
     print(json.dumps({"peak": rss.peak, "bound": bound, "largest": largest, "plan_bytes": plan.nbytes}))
 
 

@@ -9,7 +9,7 @@ import torch
 
 from mimo_train.rl.vllm_weight_sync import VLLMWeightSync
 from mimo_train.rl.weight_gather import gather_serving_weights
-from mimo_train.rl.weight_stream import ServingGeometry
+from mimo_train.rl.weight_stream import MegatronWeights, ServingGeometry
 from mimo_train.rollout import Engine, EngineConfig, SamplingParams
 from mimo_train.rollout.vllm.client import VLLMClient, spec_delta
 from mimo_train.rollout.vllm.server import ServerSpec, VLLMServer, write_model_dir
@@ -39,8 +39,8 @@ def servers(tmp_path_factory, tokenizer_dir, megatron_single):
         for name, server in started.items():
             server.wait_ready(600)
             client = VLLMClient(server.url, describe=server.describe())
-            out[name] = client, VLLMWeightSync([client], cfg, dtype=torch.float32,
-                                               geometry=ServingGeometry(pad_v_head=True), drafter=True,
+            source = MegatronWeights(cfg, torch.float32, ServingGeometry(pad_v_head=True))
+            out[name] = client, VLLMWeightSync([client], source, drafter=True,
                                                bucket_bytes=1 << 20)
         yield cfg, out, root
     finally:

@@ -8,7 +8,7 @@ import torch
 from mimo_train.model.gpt import build_model
 from mimo_train.rl.vllm_weight_sync import VLLMWeightSync
 from mimo_train.rl.weight_gather import gather_serving_weights
-from mimo_train.rl.weight_stream import ServingGeometry
+from mimo_train.rl.weight_stream import MegatronWeights, ServingGeometry
 from mimo_train.rollout import Engine, EngineConfig, SamplingParams
 from mimo_train.rollout.vllm.client import VLLMClient, spec_delta
 from tests.rollout.vllm_utils import chain_model, start_server, tiny32, vllm
@@ -22,8 +22,8 @@ def served(tmp_path_factory, tokenizer_dir, megatron_single):
     cfg = tiny32()
     server = start_server(tmp_path_factory.mktemp("vllm_server"), cfg, tokenizer_dir, spec_depth=K)
     client = VLLMClient(server.url, describe=server.describe())
-    sync = VLLMWeightSync([client], cfg, dtype=torch.float32, geometry=ServingGeometry(pad_v_head=True), drafter=True,
-                          bucket_bytes=64 << 10)
+    sync = VLLMWeightSync([client], MegatronWeights(cfg, torch.float32, ServingGeometry(pad_v_head=True)),
+                          drafter=True, bucket_bytes=64 << 10)
     yield cfg, client, sync
     server.stop()
 
