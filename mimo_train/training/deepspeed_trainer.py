@@ -31,7 +31,7 @@ import torch.distributed as dist
 from mimo_train.parallel.setup import device
 from mimo_train.training import checkpoint, hf_student
 from mimo_train.training.config import RunConfig
-from mimo_train.training.trainer import StepResult, lr_scheduler
+from mimo_train.training.trainer import StepResult, Trainer, lr_scheduler
 
 TAG = "zero"  # DeepSpeed's sub-directory inside iter_N/
 
@@ -96,7 +96,6 @@ class DeepSpeedTrainer:
                              f"{config.train.micro_batch} = {per_rank} micro-batches do not split over {world} ranks")
         self.steps_per_batch = per_rank // world
         self.ds = ds_config(config, self.steps_per_batch)
-        self.hf_config = hf_student.read_config(config.trainer.model_dir)
         # Kept alive: while it exists, from_pretrained partitions each parameter at load (ZeRO-3).
         self._zero3_hook = HfDeepSpeedConfig(self.ds) if config.trainer.zero_stage == 3 else None
         dtype = torch.bfloat16 if self.ds["bf16"]["enabled"] else torch.float32
@@ -119,8 +118,7 @@ class DeepSpeedTrainer:
 
     # -- one optimizer step -------------------------------------------------------------------
 
-    def to_device(self, mb: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
+    to_device = Trainer.to_device  # the megatron trainer's: a micro-batch's tensors onto self.device
 
     def loss_tokens(self, micro_batches: list[dict]) -> torch.Tensor:
         """Loss tokens over the global batch (summed over the ranks), as a [1] tensor."""

@@ -28,20 +28,12 @@ def main(out: Path, student: str, data: str, url: str, bucket_mb: str) -> None:
     from mimo_train.parallel.setup import init_distributed
     from mimo_train.rl import zero_weights
     from mimo_train.rl.vllm_rollout import VLLMRollout
-    from mimo_train.training import deepspeed_trainer
     from mimo_train.training.config import load_config
     from mimo_train.training.deepspeed_trainer import DeepSpeedTrainer
 
-    ds_config = deepspeed_trainer.ds_config
-
-    def every_parameter_partitioned(*args):
-        ds = ds_config(*args)
-        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-        return ds
-
-    deepspeed_trainer.ds_config = every_parameter_partitioned
-
+    # DeepSpeed keeps parameters under 1e5 elements whole by default (all of a tiny model's): partition every one.
     config = load_config(["recipe=grpo", "trainer=deepspeed", f"trainer.model_dir={student}", "trainer.zero_stage=3",
+                          "+trainer.ds_config.zero_optimization.stage3_param_persistence_threshold=0",
                           "rollout=vllm", f"rollout.vllm.urls=['{url}']", f"rollout.vllm.bucket_mb={bucket_mb}",
                           "train.steps=2", "train.global_batch=8", "train.micro_batch=4", "rl.prompts_per_step=4",
                           "rl.group_size=2", "optim.warmup_steps=0", f"rl.prompts={data}/train.jsonl",
