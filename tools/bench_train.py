@@ -14,6 +14,15 @@ bf16 autocast, its usual mixed precision), or --dtype fp32 for both. The JSON gi
 each, the ratio, and where it ran (tools/bench_env.py). Ours also reports its step with the MTP
 depths on, the configuration we train.
 
+"split" gives, for each of the three (ours, ours_with_mtp, transformers), where a step's time goes
+(tools/step_split.py): forward, backward and optimizer seconds per step, and per module kind
+(attention, MoE router, MoE dispatch, experts, dense MLP, norms, embedding, output layer + loss,
+MTP) the forward and backward seconds, "other" being what no kind holds. It is measured in
+--split-steps further steps of the same trainer after its timed ones, with hooks that cost time
+(so its step_s is not the headline figure: timed_step_s is), and the hooks are removed after;
+--no-split leaves it out. On transformers' side the loss (a full-vocabulary cross-entropy) runs
+in a module of its own, TokenLoss, so that it is counted with lm_head as "output_loss".
+
 --backend deepspeed times the two trainers the project has, Trainer (megatron-core) and
 DeepSpeedTrainer (ZeRO, one rank), on one model function both express: the preset made dense
 (moe_layer_freq all 0) and without MTP layers, since a DeepSpeed student is a plain transformers
@@ -45,12 +54,14 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.bench_env import environment, sync  # noqa: E402
+from tools.step_split import StepSplit, model_split, trainer_split  # noqa: E402
 
 HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
            "num_attention_heads", "num_key_value_heads", "head_dim", "v_head_dim", "n_routed_experts",
@@ -106,12 +117,30 @@ def step_overrides(n_rows: int, bf16: bool) -> list[str]:
             f"train.bf16={str(bf16).lower()}"]
 
 
-def ours(model: str, mtp: int, rows: list[dict], steps: int, device: torch.device, bf16: bool) -> float:
+@dataclasses.dataclass
+class Side:
+    """One side of the comparison: its training step, and the split of that step's time."""
+
+    step: Callable[[], object]
+    split: Callable[[], StepSplit]  # a fresh one each call, to use as a context manager
+
+
+def ours(model: str, mtp: int, rows: list[dict], device: torch.device, bf16: bool) -> Side:
     _, trainer = megatron_trainer([f"model={model}", f"model.num_nextn_predict_layers={mtp}"], len(rows), device, bf16)
-    return timed(lambda: trainer.train_step(rows), steps, device)
+    return Side(lambda: trainer.train_step(rows), lambda: trainer_split(trainer))
 
 
-def transformers_step(model: str, rows: list[dict], steps: int, device: torch.device, bf16: bool) -> float:
+class TokenLoss(torch.nn.Module):
+    """Transformers' side of the loss: one micro-batch's masked token-mean cross-entropy over the
+    full vocabulary, as a share of the batch (as our trainer weights it). A module so that the
+    step split counts it (tools/step_split.py: output_loss, with lm_head)."""
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, n_micro: int) -> torch.Tensor:
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+        return (loss * mask.flatten()).sum() / mask.sum() / n_micro
+
+
+def transformers_side(model: str, rows: list[dict], device: torch.device, bf16: bool) -> Side:
     from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
 
     from mimo_train.model.config import ModelConfig
@@ -121,6 +150,7 @@ def transformers_step(model: str, rows: list[dict], steps: int, device: torch.de
     hf_cfg._attn_implementation = "eager"  # the implementation that supports sinks + window
     hf = MiMoV2FlashForCausalLM(hf_cfg).to(device).train()
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+    loss_fn = TokenLoss()
     micro = [(r["tokens"].to(device), r["labels"].to(device), r["loss_mask"].to(device)) for r in rows]
 
     def step():
@@ -128,11 +158,20 @@ def transformers_step(model: str, rows: list[dict], steps: int, device: torch.de
         for tokens, labels, mask in micro:  # one packed row per micro-batch, as ours
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = hf(input_ids=tokens).logits
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
-            ((loss * mask.flatten()).sum() / mask.sum() / len(micro)).backward()
+            loss_fn(logits, labels, mask, len(micro)).backward()
         opt.step()
 
-    return timed(step, steps, device)
+    return Side(step, lambda: model_split(hf, loss_fn, opt, device))
+
+
+def measure(side: Side, steps: int, device: torch.device, split_steps: int) -> tuple[float, dict | None]:
+    """The hook-free seconds per step (warmed), then, in further steps, the step's time split."""
+    seconds = timed(side.step, steps, device)
+    if not split_steps:
+        return seconds, None
+    with side.split() as split:
+        report = split.measure(side.step, split_steps)
+    return seconds, {"timed_step_s": round(seconds, 5), **report}
 
 
 def dense(model: str) -> list[str]:
@@ -229,6 +268,10 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--backend", choices=["transformers", "deepspeed"], default="transformers",
                         help="what our megatron trainer is timed against")
     parser.add_argument("--zero-stage", type=int, choices=[2, 3], default=3, help="--backend deepspeed: ZeRO stage")
+    parser.add_argument("--split-steps", type=int, default=2,
+                        help="steps of each side run again under the step split's hooks, after the timed ones "
+                             "(--backend transformers)")
+    parser.add_argument("--no-split", action="store_true", help="leave out the step split (the 'split' JSON)")
     args = parser.parse_args(argv)
     from mimo_train.model.config import ModelConfig
 
@@ -246,11 +289,14 @@ def main(argv: list[str]) -> dict:
                   "steps": args.steps, **env, **timed_pair}
         print(json.dumps(result, indent=1))
         return result
+    split_steps = 0 if args.no_split else args.split_steps
+    if split_steps < 0:
+        raise SystemExit(f"error: --split-steps {split_steps} is negative; give a step count, or --no-split")
     torch.manual_seed(0)
-    t_hf = transformers_step(args.model, rows, args.steps, device, bf16)
-    t_ours = ours(args.model, 0, rows, args.steps, device, bf16)
-    t_ours_mtp = ours(args.model, ModelConfig.preset(args.model).num_nextn_predict_layers, rows, args.steps,
-                      device, bf16)
+    mtp = ModelConfig.preset(args.model).num_nextn_predict_layers
+    t_hf, split_hf = measure(transformers_side(args.model, rows, device, bf16), args.steps, device, split_steps)
+    t_ours, split_ours = measure(ours(args.model, 0, rows, device, bf16), args.steps, device, split_steps)
+    t_ours_mtp, split_mtp = measure(ours(args.model, mtp, rows, device, bf16), args.steps, device, split_steps)
     result = {
         "model": args.model, "tokens_per_step": tokens, "micro_batches": args.batch, "steps": args.steps,
         **environment(device, "bfloat16" if bf16 else "float32"),
@@ -259,6 +305,8 @@ def main(argv: list[str]) -> dict:
         "ours_with_mtp_tokens_per_s": round(tokens / t_ours_mtp, 1),
         "ratio_ours_vs_transformers": round(t_hf / t_ours, 3),
     }
+    if split_steps:
+        result["split"] = {"ours": split_ours, "ours_with_mtp": split_mtp, "transformers": split_hf}
     print(json.dumps(result, indent=1))
     return result
 
