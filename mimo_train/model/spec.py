@@ -25,6 +25,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from mimo_train.model.attention import MiMoAttention
 from mimo_train.model.config import ModelConfig
+from mimo_train.model.experts import GroupedExperts
 from mimo_train.model.norm import replace_norms
 from mimo_train.parallel.setup import expert_tp
 
@@ -118,12 +119,18 @@ def transformer_config(cfg: ModelConfig, opt: MegatronOptions | None = None) -> 
 
 
 def layer_spec(cfg: ModelConfig, *, swa: bool, moe: bool) -> ModuleSpec:
-    """A TransformerLayer: RMSNorm -> MiMoAttention -> RMSNorm -> dense MLP or MoE."""
+    """A TransformerLayer: RMSNorm -> MiMoAttention -> RMSNorm -> dense MLP or MoE (megatron's
+    router and token dispatcher, our GroupedExperts)."""
     base = get_gpt_layer_local_spec(
         num_experts=cfg.n_routed_experts if moe else None, moe_grouped_gemm=False, normalization="RMSNorm")
     attention = ModuleSpec(module=MiMoAttention,
                            params={"model_config": cfg, "swa": swa, "attn_mask_type": AttnMaskType.causal})
-    submodules = dataclasses.replace(base.submodules, self_attention=attention, sharded_state_dict_keys_map={})
+    mlp = base.submodules.mlp
+    if moe:  # megatron's SequentialMLP with its parameters, run as grouped matmuls (experts.py)
+        experts = dataclasses.replace(mlp.submodules.experts, module=GroupedExperts)
+        mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(mlp.submodules, experts=experts))
+    submodules = dataclasses.replace(base.submodules, self_attention=attention, mlp=mlp,
+                                     sharded_state_dict_keys_map={})
     return replace_norms(ModuleSpec(module=base.module, submodules=submodules))
 
 
