@@ -131,7 +131,7 @@ class MiMoAttention(MegatronModule):
     def core_attention(self, q, k, v, pos, seg):
         """[b, s, heads, v_head_dim] from [b, s, heads or kv heads, dim] q, k, v."""
         out, _ = attention_kernel(q, k, v, scale=self.scale, q_pos=pos, k_pos=pos, sinks=self.sinks,
-                                  window=self.window, q_seg=seg, k_seg=seg)
+                                  window=self.window, q_seg=seg, k_seg=seg, lse=False)
         return out
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):

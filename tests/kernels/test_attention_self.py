@@ -1,0 +1,71 @@
+"""The training attention on CPU (`attention_self`: grouped query heads, one softmax, no
+log-sum-exp) computes what the reference computes: outputs and gradients of q, k, v and the
+sinks, for global and sliding-window layers, GQA, packed segments and long packed rows
+attended block by block; and the dispatcher sends training (lse=False, self-attention) there."""
+
+import importlib
+
+import pytest
+import torch
+
+from mimo_train.kernels.attention import attention, attention_reference, attention_self
+
+
+def _packed(lengths, heads, kv_heads, dk=12, dv=8):
+    n = sum(lengths)
+    seg = torch.cat([torch.full((L,), i) for i, L in enumerate(lengths)])[None]
+    pos = torch.cat([torch.arange(L) for L in lengths])[None]
+    q = torch.randn(1, n, heads, dk, requires_grad=True)
+    k = torch.randn(1, n, kv_heads, dk, requires_grad=True)
+    v = torch.randn(1, n, kv_heads, dv, requires_grad=True)
+    return q, k, v, pos, seg
+
+
+def _grads(out, weights, params):
+    return torch.autograd.grad((out * weights).sum(), params)
+
+
+@pytest.mark.parametrize("heads,kv_heads,window,sinks,lengths", [
+    (6, 1, None, False, [40]),            # global layer: MQA, no sinks
+    (6, 2, 7, True, [40]),                # SWA layer: GQA, window, sinks
+    (4, 4, 3, True, [1, 9, 30]),          # packed segments, one of a single token
+    (4, 2, 200, True, [64, 300, 17]),     # longer than two blocks: the blocked path
+])
+def test_training_attention_equals_the_reference(heads, kv_heads, window, sinks, lengths):
+    torch.manual_seed(0)
+    q, k, v, pos, seg = _packed(lengths, heads, kv_heads)
+    s = (torch.randn(heads) * 2).requires_grad_() if sinks else None
+    kw = dict(scale=0.3, q_pos=pos, k_pos=pos, sinks=s, window=window, q_seg=seg, k_seg=seg)
+    out, lse = attention(q, k, v, lse=False, **kw)  # what MiMoAttention calls
+    ref, _ = attention_reference(q, k, v, **kw)
+    assert lse is None
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    params = [t for t in (q, k, v, s) if t is not None]
+    weights = torch.randn_like(ref)
+    for g, r in zip(_grads(out, weights, params), _grads(ref, weights, params)):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_a_window_one_wider_is_seen():
+    """The control: the comparison above is sensitive to the masking rule (a window of 8
+    instead of 7 moves the outputs far beyond its tolerance)."""
+    torch.manual_seed(0)
+    q, k, v, pos, seg = _packed([40], 6, 2)
+    kw = dict(scale=0.3, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg)
+    assert (attention_self(q, k, v, window=8, **kw)[0] - attention_reference(q, k, v, window=7, **kw)[0]).abs().max() > 1e-2
+
+
+def test_the_dispatcher_sends_only_self_attention_without_lse_there(monkeypatch):
+    calls = []
+    module = importlib.import_module("mimo_train.kernels.attention")  # the package exports a function of that name
+    monkeypatch.setattr(module, "attention_self",
+                        lambda *a, **kw: calls.append(1) or attention_self(*a, **kw))
+    torch.manual_seed(0)
+    q, k, v, pos, seg = _packed([20], 4, 2)
+    kw = dict(scale=0.3, sinks=None, window=None, q_seg=seg, k_seg=seg)
+    attention(q, k, v, q_pos=pos, k_pos=pos, lse=False, **kw)
+    assert calls == [1]
+    _, lse = attention(q, k, v, q_pos=pos, k_pos=pos, **kw)  # a caller that wants the lse gets it
+    assert lse is not None and calls == [1]
+    _, lse = attention(q, k, v, q_pos=pos, k_pos=pos.clone(), lse=False, **kw)  # not provably self-attention
+    assert lse is not None and calls == [1]
