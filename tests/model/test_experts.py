@@ -78,3 +78,30 @@ def test_a_wrong_expert_offset_is_seen(megatron_single):
         shifted = experts(tokens, counts + torch.tensor([-1, 1, 0, 0, 0, 0, 0, 0]), probs)[0]
     assert (right[4] - shifted[4]).abs().max() > 1e-3
     torch.testing.assert_close(right[:4], shifted[:4], rtol=0, atol=0)
+
+
+def test_one_rank_moe_uses_the_all_gather_dispatcher_with_the_all_to_alls_result(megatron_single):
+    """Without expert or tensor parallelism the MoE layer takes megatron's all-gather dispatcher
+    (it only permutes); its outputs and gradients are the all-to-all dispatcher's, bit for bit."""
+    from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
+
+    from mimo_train.model.spec import MegatronOptions
+
+    cfg = ModelConfig.preset("tiny", num_nextn_predict_layers=0)
+    layers = {}
+    for dispatcher in (None, "alltoall"):
+        torch.manual_seed(0)
+        layers[dispatcher] = build_model(cfg, MegatronOptions(moe_dispatcher=dispatcher)).decoder.layers[1].mlp
+    assert isinstance(layers[None].token_dispatcher, MoEAllGatherTokenDispatcher)
+    assert not isinstance(layers["alltoall"].token_dispatcher, MoEAllGatherTokenDispatcher)
+    gen = torch.Generator().manual_seed(0)
+    x, grad = torch.randn(40, 1, 64, generator=gen), torch.randn(40, 1, 64, generator=gen)
+    results = []
+    for layer in layers.values():
+        xi = x.clone().requires_grad_()
+        out = layer(xi)[0]
+        out.backward(grad)
+        results.append([out.detach(), xi.grad, *[p.grad.clone() for p in layer.parameters()]])
+    assert len(results[0]) == len(results[1]) > 3
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
