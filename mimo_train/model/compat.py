@@ -42,6 +42,12 @@ reduce-scatter (distributed/param_and_grad_buffer.py) gather a buffer into itsel
 still copies (27 ms a step on the small model). Over a group of one rank the result is the
 input, so the call is skipped (or is a copy where megatron passes two separate buffers).
 
+`foreach_multi_tensor_fallbacks()` (any machine without Apex/TE, by the trainer): megatron's own
+stand-ins for Apex's multi-tensor kernels (megatron/core/utils.py) take the gradient norm one
+tensor at a time and then build a tensor from a Python list of 0-d tensors, and scale gradients
+one tensor at a time (`dst.copy_(src * scale)`); the replacements do the same arithmetic with
+torch's foreach ops (the same norms and products, without a Python loop over 290 tensors).
+
 `placement("meta")` is separate and temporary: it points the same device calls at another
 device for the duration of a build (parameter counts of the 309B preset on the meta device).
 """
@@ -258,6 +264,31 @@ def skip_single_rank_buffer_collectives() -> None:
 
     buffers.dist_all_gather_func = single_rank_aware(buffers.dist_all_gather_func)
     buffers.dist_reduce_scatter_func = single_rank_aware(buffers.dist_reduce_scatter_func)
+
+
+def foreach_multi_tensor_fallbacks() -> None:
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    def l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+        norms = [n for tensors in tensor_lists for n in torch._foreach_norm(tensors)]
+        if not norms:  # where megatron's stand-in puts its result: on the current device
+            return torch.zeros(1, device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu"), None
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        return total.reshape(1).float(), None
+
+    def scale(chunk_size, noop_flag, tensor_lists, factor):
+        sources, targets = tensor_lists[0], tensor_lists[1]
+        if all(s is t for s, t in zip(sources, targets)):
+            torch._foreach_mul_(targets, factor)
+        else:
+            torch._foreach_copy_(targets, torch._foreach_mul(sources, factor))
+
+    for module in (clip_grads, optimizer):
+        if getattr(module, "l2_norm_impl", None) is utils.local_multi_tensor_l2_norm:
+            module.l2_norm_impl = l2_norm
+        if getattr(module, "multi_tensor_scale_impl", None) is utils.local_multi_tensor_scale:
+            module.multi_tensor_scale_impl = scale
 
 
 @contextlib.contextmanager

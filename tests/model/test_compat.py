@@ -92,3 +92,28 @@ def test_all_to_all_split_sizes_become_lists(monkeypatch, megatron_single):
     out = mappings._AllToAll.forward(Ctx(), TwoRanks(), x, np.array([2, 2]), np.array([2, 2]))
     assert seen["types"] == (list, list)
     assert torch.equal(out, x)
+
+
+def test_foreach_stand_ins_compute_megatrons_multi_tensor_fallbacks(megatron_single):
+    """The gradient norm and gradient scaling that megatron's optimizer calls without Apex/TE:
+    our foreach versions give the same values as megatron's own per-tensor stand-ins, bit for bit."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    compat.apply()
+    compat.foreach_multi_tensor_fallbacks()
+    assert clip_grads.l2_norm_impl is not utils.local_multi_tensor_l2_norm
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(shape, generator=gen) for shape in [(48, 64), (16,), (5, 7, 3), (1,)] * 20]
+    ours, _ = clip_grads.l2_norm_impl(0, None, [grads], False)
+    theirs, _ = utils.local_multi_tensor_l2_norm(0, None, [grads], False)
+    assert torch.equal(ours, theirs) and ours.shape == (1,)
+    for same in (True, False):  # scaling in place (clip_grads) and into other tensors
+        a = [g.clone() for g in grads]
+        b = [g.clone() for g in grads]
+        out_a = a if same else [torch.empty_like(g) for g in grads]
+        out_b = b if same else [torch.empty_like(g) for g in grads]
+        clip_grads.multi_tensor_scale_impl(0, None, [a, out_a], 0.37)
+        utils.local_multi_tensor_scale(0, None, [b, out_b], 0.37)
+        assert all(torch.equal(x, y) for x, y in zip(out_a, out_b))
+        assert not torch.equal(out_a[0], grads[0])  # the control: something was scaled
