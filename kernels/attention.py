@@ -174,6 +174,50 @@ def attention_self(q, k, v, *, scale: float, q_pos, k_pos, sinks=None, window=No
     out = torch.matmul(probs.reshape(b, kv_heads, rep * sq, -1), v.float().transpose(1, 2))
     return out.view(b, num_heads, sq, dv).transpose(1, 2).to(v.dtype), None
 
+def banded_block(window: int) -> int:
+    """Query block of `attention_banded`: at least 64 rows (fewer makes the small matmuls
+    per-call bound), and at least the window, so a block's keys are at most twice its rows."""
+    return max(64, window)
+
+
+def attention_banded(q, k, v, *, scale: float, q_pos, k_pos, sinks=None, window: int, q_seg=None, k_seg=None):
+    """`attention_self` for a sliding-window layer without the keys no query can see: the
+    queries go in blocks of B = banded_block(window) rows, each against only the B + window keys
+    that end with its block (one gather of k and v, the blocks batched into one softmax), so a
+    row of n tokens scores n (B + window) pairs instead of n^2. The masking rule is applied to
+    the gathered positions and segments as they are; the keys before the row's start are
+    padding with position -1 (never seen) and the rows padding the last block form a segment of
+    their own that sees only itself (so no row is empty). Returns (out, None)."""
+    b, n, num_heads, dk = q.shape
+    block = banded_block(window)
+    blocks = -(-n // block)
+    tail = blocks * block - n
+    span = block + window
+
+    def pad(x, front, back, value=0):
+        parts = [x.new_full((x.shape[0], front, *x.shape[2:]), value)] if front else []
+        parts.append(x)
+        if back:
+            parts.append(x.new_full((x.shape[0], back, *x.shape[2:]), value))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else x
+
+    # Rows padding the last block: position 0 in a segment -2 of their own; keys before the start: -1.
+    seg = q_seg if q_seg is not None else torch.zeros_like(q_pos)
+    q_pos_p, seg_p = pad(q_pos, 0, tail, 0), pad(seg, 0, tail, -2)
+    k_pos_p, k_seg_p = pad(q_pos_p, window, 0, -1), pad(seg_p, window, 0, -1)
+    index = (torch.arange(blocks, device=q.device) * block)[:, None] + torch.arange(span, device=q.device)
+    flat = index.reshape(-1)
+
+    def keys(x):  # [b, window + n + tail, ...] -> [b * blocks, span, ...]
+        return x[:, flat].reshape(b * blocks, span, *x.shape[2:])
+
+    out, _ = attention_self(
+        pad(q, 0, tail).reshape(b * blocks, block, num_heads, dk),
+        keys(pad(k, window, tail)), keys(pad(v, window, tail)), scale=scale,
+        q_pos=q_pos_p.reshape(b * blocks, block), k_pos=keys(k_pos_p), sinks=sinks, window=window,
+        q_seg=seg_p.reshape(b * blocks, block), k_seg=keys(k_seg_p))
+    return out.reshape(b, blocks * block, num_heads, -1)[:, :n], None
+
 
 def attention(
     q: torch.Tensor,
@@ -199,8 +243,9 @@ def attention(
     hidden: optional `hidden_keys(q_pos, k_pos, ...)` precomputed by a caller that reuses it
     across layers; only `attention_grouped` reads it (the other paths mask from positions).
     lse=False: the caller does not use the log-sum-exp (training). On the reference path,
-    self-attention (`k_pos is q_pos`, `k_seg is q_seg`) then goes to `attention_self`, which
-    returns None for it; other paths return it anyway.
+    self-attention (`k_pos is q_pos`, `k_seg is q_seg`) then goes to `attention_self`, or, on a
+    row at least twice (block + window) long with a window, to `attention_banded`; both return
+    None for it; other paths return it anyway.
     """
     kwargs = dict(scale=scale, q_pos=q_pos, k_pos=k_pos, sinks=sinks, window=window, q_seg=q_seg, k_seg=k_seg)
     backend = backend or os.environ.get("MIMO_ATTENTION_BACKEND") or "auto"
@@ -214,6 +259,8 @@ def attention(
         backend = "triton" if q.is_cuda else "reference"
     if backend == "reference":
         attend = attention_self if not lse and k_pos is q_pos and k_seg is q_seg else attention_reference
+        if attend is attention_self and window is not None and q.shape[1] >= 2 * (banded_block(window) + window):
+            return attention_banded(q, k, v, **kwargs)
         packed = q_seg is not None and q.shape[0] == 1 and q.shape[1] == k.shape[1] > 2 * PACKED_BLOCK
         if packed and torch.equal(q_pos, k_pos) and torch.equal(q_seg, k_seg):
             return attention_reference_packed(q, k, v, attend=attend, **kwargs)

@@ -1,14 +1,16 @@
 """The training attention on CPU (`attention_self`: grouped query heads, one softmax, no
-log-sum-exp) computes what the reference computes: outputs and gradients of q, k, v and the
-sinks, for global and sliding-window layers, GQA, packed segments and long packed rows
-attended block by block; and the dispatcher sends training (lse=False, self-attention) there."""
+log-sum-exp) and its banded form for sliding windows (`attention_banded`: each block of
+queries against only the keys its window reaches) compute what the reference computes: outputs
+and gradients of q, k, v and the sinks, for global and sliding-window layers, GQA, packed
+segments and long packed rows; and the dispatcher sends training (lse=False, self-attention)
+there."""
 
 import importlib
 
 import pytest
 import torch
 
-from mimo_train.kernels.attention import attention, attention_reference, attention_self
+from mimo_train.kernels.attention import attention, attention_banded, attention_reference, attention_self
 
 
 def _packed(lengths, heads, kv_heads, dk=12, dv=8):
@@ -30,6 +32,9 @@ def _grads(out, weights, params):
     (6, 2, 7, True, [40]),                # SWA layer: GQA, window, sinks
     (4, 4, 3, True, [1, 9, 30]),          # packed segments, one of a single token
     (4, 2, 200, True, [64, 300, 17]),     # longer than two blocks: the blocked path
+    (6, 2, 32, True, [256]),              # window 32 over 256 tokens: the banded path
+    (4, 2, 7, True, [1, 50, 205, 3]),     # banded, packed, the last block padded
+    (4, 1, 7, False, [300]),              # banded without sinks
 ])
 def test_training_attention_equals_the_reference(heads, kv_heads, window, sinks, lengths):
     torch.manual_seed(0)
@@ -69,3 +74,17 @@ def test_the_dispatcher_sends_only_self_attention_without_lse_there(monkeypatch)
     assert lse is not None and calls == [1]
     _, lse = attention(q, k, v, q_pos=pos, k_pos=pos.clone(), lse=False, **kw)  # not provably self-attention
     assert lse is not None and calls == [1]
+
+
+def test_a_long_sliding_window_row_goes_banded(monkeypatch):
+    module = importlib.import_module("mimo_train.kernels.attention")
+    calls = []
+    monkeypatch.setattr(module, "attention_banded", lambda *a, **kw: calls.append(1) or attention_banded(*a, **kw))
+    torch.manual_seed(0)
+    q, k, v, pos, seg = _packed([256], 4, 2)
+    kw = dict(scale=0.3, q_pos=pos, k_pos=pos, sinks=None, q_seg=seg, k_seg=seg, lse=False)
+    attention(q, k, v, window=32, **kw)
+    assert calls == [1]
+    attention(q, k, v, window=100, **kw)  # 2 x (block 100 + window 100) > 256: the plain path
+    attention(q, k, v, window=None, **kw)
+    assert calls == [1]
