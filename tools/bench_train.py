@@ -7,12 +7,13 @@ or vs the DeepSpeed backend (trainer=deepspeed).
 Both train the same config (MTP layers off, since transformers' model has none) on the same
 token batch, on the same device and in the same precision, one process, AdamW, in this one run:
 the batch's rows go through one at a time and their gradients accumulate before one optimizer
-step (our micro-batch of one packed row), both are warmed up (2 steps) before the timed steps,
-and GPU work is synchronised before each clock read. Precision: fp32 on CPU; on a GPU bf16
+step (our micro-batch of one packed row), each is warmed up (2 steps), then the sides take their
+timed steps in turn (so a load on the machine that comes and goes slows all alike; the JSON
+keeps every step's seconds), and GPU work is synchronised before each clock read. Precision: fp32 on CPU; on a GPU bf16
 (ours: megatron's bf16 parameters with fp32 master weights; transformers': fp32 parameters under
 bf16 autocast, its usual mixed precision), or --dtype fp32 for both. The JSON gives tokens/s of
 each, the ratio, and where it ran (tools/bench_env.py). Ours also reports its step with the MTP
-depths on, the configuration we train.
+depths on, the configuration we train, and that step's time over ours without them.
 
 "split" gives, for each of the three (ours, ours_with_mtp, transformers), where a step's time goes
 (tools/step_split.py): forward, backward and optimizer seconds per step, and per module kind
@@ -85,17 +86,6 @@ def batch_of(vocab: int, batch: int, seq: int) -> list[dict]:
     return rows
 
 
-def timed(step, steps: int, device: torch.device, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        step()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return (time.perf_counter() - start) / steps
-
-
 def megatron_trainer(overrides: list[str], n_rows: int, device: torch.device, bf16: bool):
     """Our Trainer on one process, one optimizer step per batch of `n_rows` packed rows."""
     from mimo_train.parallel.layout import check_layout
@@ -164,14 +154,27 @@ def transformers_side(model: str, rows: list[dict], device: torch.device, bf16: 
     return Side(step, lambda: model_split(hf, loss_fn, opt, device))
 
 
-def measure(side: Side, steps: int, device: torch.device, split_steps: int) -> tuple[float, dict | None]:
-    """The hook-free seconds per step (warmed), then, in further steps, the step's time split."""
-    seconds = timed(side.step, steps, device)
-    if not split_steps:
-        return seconds, None
+def interleaved(steps_of: dict, steps: int, device: torch.device, warmup: int = 2) -> dict[str, list[float]]:
+    """Hook-free seconds of each timed step of each side, the sides taking their steps in turn
+    (after `warmup` steps each), so that a load on the machine that comes and goes slows all
+    sides alike rather than whichever ran during it."""
+    seconds = {name: [] for name in steps_of}
+    for i in range(warmup + steps):
+        for name, step in steps_of.items():
+            sync(device)
+            start = time.perf_counter()
+            step()
+            sync(device)
+            if i >= warmup:
+                seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def split_of(side: Side, timed_seconds: float, split_steps: int) -> dict:
+    """The step's time split, in further steps after the timed ones (the hooks cost time)."""
     with side.split() as split:
         report = split.measure(side.step, split_steps)
-    return seconds, {"timed_step_s": round(seconds, 5), **report}
+    return {"timed_step_s": round(timed_seconds, 5), **report}
 
 
 def dense(model: str) -> list[str]:
@@ -294,19 +297,24 @@ def main(argv: list[str]) -> dict:
         raise SystemExit(f"error: --split-steps {split_steps} is negative; give a step count, or --no-split")
     torch.manual_seed(0)
     mtp = ModelConfig.preset(args.model).num_nextn_predict_layers
-    t_hf, split_hf = measure(transformers_side(args.model, rows, device, bf16), args.steps, device, split_steps)
-    t_ours, split_ours = measure(ours(args.model, 0, rows, device, bf16), args.steps, device, split_steps)
-    t_ours_mtp, split_mtp = measure(ours(args.model, mtp, rows, device, bf16), args.steps, device, split_steps)
+    sides = {"transformers": transformers_side(args.model, rows, device, bf16),
+             "ours": ours(args.model, 0, rows, device, bf16),
+             "ours_with_mtp": ours(args.model, mtp, rows, device, bf16)}
+    seconds = interleaved({name: side.step for name, side in sides.items()}, args.steps, device)
+    per_step = {name: sum(s) / len(s) for name, s in seconds.items()}
     result = {
         "model": args.model, "tokens_per_step": tokens, "micro_batches": args.batch, "steps": args.steps,
         **environment(device, "bfloat16" if bf16 else "float32"),
-        "transformers_tokens_per_s": round(tokens / t_hf, 1),
-        "ours_tokens_per_s": round(tokens / t_ours, 1),
-        "ours_with_mtp_tokens_per_s": round(tokens / t_ours_mtp, 1),
-        "ratio_ours_vs_transformers": round(t_hf / t_ours, 3),
+        "transformers_tokens_per_s": round(tokens / per_step["transformers"], 1),
+        "ours_tokens_per_s": round(tokens / per_step["ours"], 1),
+        "ours_with_mtp_tokens_per_s": round(tokens / per_step["ours_with_mtp"], 1),
+        "ratio_ours_vs_transformers": round(per_step["transformers"] / per_step["ours"], 3),
+        # issue 22's MTP target: the step with the MTP depths at most 1.25x the step without
+        "ratio_mtp_step_vs_without": round(per_step["ours_with_mtp"] / per_step["ours"], 3),
+        "step_seconds": {name: [round(t, 4) for t in s] for name, s in seconds.items()},
     }
     if split_steps:
-        result["split"] = {"ours": split_ours, "ours_with_mtp": split_mtp, "transformers": split_hf}
+        result["split"] = {name: split_of(side, per_step[name], split_steps) for name, side in sides.items()}
     print(json.dumps(result, indent=1))
     return result
 
