@@ -26,6 +26,8 @@ expert linears, probabilities applied on the input, or a CUDA tensor in a dtype 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
 
@@ -37,7 +39,44 @@ def grouped_linear(tokens: torch.Tensor, weights: torch.Tensor, offsets: torch.T
     return torch._grouped_mm(tokens, weights.transpose(-2, -1), offs=offsets)
 
 
+class _Stack(torch.autograd.Function):
+    """torch.stack(weights) whose copy may be one made earlier (`stacked`, when the weights have
+    not changed since); the backward hands each weight its slice of the gradient, as stack's."""
+
+    @staticmethod
+    def forward(ctx, stacked, *weights):
+        return torch.stack(weights) if stacked is None else stacked.view_as(stacked)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, *grad.unbind(0))
+
+
+@contextlib.contextmanager
+def stacked_weights_reused(modules):
+    """Within this block the experts' weights do not change (one step's micro-batches: the
+    optimizer steps after it), so each GroupedExperts stacks its weights once, not once per
+    micro-batch (on the small model a quarter of the stacking copies of a 4-micro-batch step)."""
+    experts = [m for module in modules for m in module.modules() if isinstance(m, GroupedExperts)]
+    for e in experts:
+        e._stacks = {}
+    try:
+        yield
+    finally:
+        for e in experts:
+            e._stacks = None
+
+
 class GroupedExperts(SequentialMLP):
+    _stacks: dict | None = None  # set within stacked_weights_reused: the stacked weights by name
+
+    def _stacked(self, name: str, weights: list[torch.Tensor]) -> torch.Tensor:
+        if self._stacks is None:
+            return torch.stack(weights)
+        stacked = _Stack.apply(self._stacks.get(name), *weights)
+        self._stacks[name] = stacked.detach()
+        return stacked
+
     def _groupable(self, hidden: torch.Tensor) -> bool:
         config = self.config
         if config.fp8 or config.fp4 or config.add_bias_linear or config.moe_apply_probs_on_input:
@@ -51,8 +90,8 @@ class GroupedExperts(SequentialMLP):
         tokens = permuted_local_hidden_states
         if self.num_local_experts == 1 or not self._groupable(tokens):
             return super().forward(tokens, tokens_per_expert, permuted_probs)
-        fc1 = torch.stack([expert.linear_fc1.weight for expert in self.local_experts])  # [E, 2F, H]
-        fc2 = torch.stack([expert.linear_fc2.weight for expert in self.local_experts])  # [E, H, F]
+        fc1 = self._stacked("fc1", [expert.linear_fc1.weight for expert in self.local_experts])  # [E, 2F, H]
+        fc2 = self._stacked("fc2", [expert.linear_fc2.weight for expert in self.local_experts])  # [E, H, F]
         offsets = torch.cumsum(tokens_per_expert.to(tokens.device), 0, dtype=torch.int32)
         gate, up = torch.chunk(grouped_linear(tokens, fc1, offsets), 2, dim=-1)
         # megatron's MLP: GLU (x_glu, x_linear + glu_linear_offset), then the router's probability
@@ -62,4 +101,4 @@ class GroupedExperts(SequentialMLP):
         return grouped_linear(hidden, fc2, offsets), None
 
 
-__all__ = ["GroupedExperts", "grouped_linear"]
+__all__ = ["GroupedExperts", "grouped_linear", "stacked_weights_reused"]

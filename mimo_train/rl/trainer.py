@@ -25,6 +25,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
+from mimo_train.model.experts import stacked_weights_reused
 from mimo_train.model.gpt import MiMoOutput
 from mimo_train.rl.config import RLConfig
 from mimo_train.rl import distill
@@ -210,12 +211,13 @@ class RLTrainer(RLObjective, Trainer):
         self.router_stats.reset()
         self._disagree.zero_()
         n = len(micro_batches)
-        results = get_forward_backward_func()(
-            forward_step_func=functools.partial(self._rl_forward_step, counts, n),
-            data_iterator=[iter(micro_batches) for _ in self.model] if len(self.model) > 1 else iter(micro_batches),
-            model=self.model if len(self.model) > 1 else self.model[0],
-            num_microbatches=n, seq_length=micro_batches[0]["tokens"].shape[1], micro_batch_size=1,
-            forward_only=False)
+        with stacked_weights_reused(self.model):
+            results = get_forward_backward_func()(
+                forward_step_func=functools.partial(self._rl_forward_step, counts, n),
+                data_iterator=[iter(micro_batches) for _ in self.model] if len(self.model) > 1 else iter(micro_batches),
+                model=self.model if len(self.model) > 1 else self.model[0],
+                num_microbatches=n, seq_length=micro_batches[0]["tokens"].shape[1], micro_batch_size=1,
+                forward_only=False)
         for _, router in self.routers:
             if router.router_replay is not None:
                 router.router_replay.clear_router_replay_action()

@@ -29,6 +29,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mimo_train.model import compat
+from mimo_train.model.experts import stacked_weights_reused
 from mimo_train.model.gpt import MiMoOutput, build_model, roll_left
 from mimo_train.model.spec import MegatronOptions, transformer_config
 from mimo_train.parallel.layout import Layout
@@ -186,11 +187,12 @@ class Trainer:
         self.router_stats.reset()
         n = len(micro_batches)
         seq = micro_batches[0]["tokens"].shape[1]
-        results = get_forward_backward_func()(
-            forward_step_func=functools.partial(self._forward_step, counts, n),
-            data_iterator=[iter(micro_batches) for _ in self.model] if len(self.model) > 1 else iter(micro_batches),
-            model=self.model if len(self.model) > 1 else self.model[0],
-            num_microbatches=n, seq_length=seq, micro_batch_size=1, forward_only=False)
+        with stacked_weights_reused(self.model):
+            results = get_forward_backward_func()(
+                forward_step_func=functools.partial(self._forward_step, counts, n),
+                data_iterator=[iter(micro_batches) for _ in self.model] if len(self.model) > 1 else iter(micro_batches),
+                model=self.model if len(self.model) > 1 else self.model[0],
+                num_microbatches=n, seq_length=seq, micro_batch_size=1, forward_only=False)
         metrics = self._reduce_metrics(results, counts)
         result = self.update(metrics, metrics["loss/total"])
         tokens = sum(int(mb["tokens"].numel()) for mb in micro_batches) * parallel_state.get_data_parallel_world_size()

@@ -105,3 +105,38 @@ def test_one_rank_moe_uses_the_all_gather_dispatcher_with_the_all_to_alls_result
     assert len(results[0]) == len(results[1]) > 3
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_weights_stacked_once_per_step_give_the_gradients_of_stacking_each_micro_batch(megatron_single):
+    """Within stacked_weights_reused (a step's micro-batches) the experts stack their weights once;
+    three micro-batches' accumulated gradients equal those of stacking every time, bit for bit,
+    and a copy made before the weights changed is not used after the block."""
+    from mimo_train.model.experts import stacked_weights_reused
+
+    experts = _moe_experts()
+    gen = torch.Generator().manual_seed(3)
+    counts = torch.tensor([5, 0, 9, 1, 7, 3, 0, 11])
+    batches = [(torch.randn(36, 64, generator=gen), torch.rand(36, generator=gen), torch.randn(36, 64, generator=gen))
+               for _ in range(3)]
+
+    def accumulate():
+        experts.zero_grad(set_to_none=True)
+        outs = []
+        for tokens, probs, grad in batches:
+            out = experts(tokens, counts, probs)[0]
+            out.backward(grad)
+            outs.append(out.detach())
+        return outs, {n: p.grad.clone() for n, p in experts.named_parameters()}
+
+    plain_outs, plain_grads = accumulate()
+    with stacked_weights_reused([experts]):
+        reused_outs, reused_grads = accumulate()
+        assert set(experts._stacks) == {"fc1", "fc2"}
+    assert experts._stacks is None
+    assert all(torch.equal(a, b) for a, b in zip(plain_outs, reused_outs))
+    assert all(torch.equal(plain_grads[n], reused_grads[n]) for n in plain_grads)
+    with torch.no_grad():  # the weights change between blocks: the next block stacks them anew
+        experts.local_experts[2].linear_fc1.weight.mul_(2)
+    with stacked_weights_reused([experts]):
+        changed = experts(*batches[0][:1], counts, batches[0][1])[0]
+    assert not torch.equal(changed, plain_outs[0])
