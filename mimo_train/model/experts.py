@@ -12,7 +12,7 @@ replaces only its forward: the local experts' fc1 and fc2 weights are stacked ([
 [E, H, F]) and the dispatcher's expert-sorted tokens go through `torch._grouped_mm` with the
 experts' token offsets, then megatron's own GLU and probability scaling, in its order. On
 these shapes the grouped matmul computes each expert's rows with the same kernel as the loop
-(forward and gradients are bit-equal in fp32, tests/model/test_experts.py).
+(forward and gradients are bit-equal in fp32, tests/model/test_grouped_experts.py).
 
 Why the per-expert linear layers may be bypassed: an expert's linear layers never communicate.
 With expert tensor or expert parallelism megatron marks them `explicit_expert_comm` (the token
