@@ -163,8 +163,11 @@ def attention_self(q, k, v, *, scale: float, q_pos, k_pos, sinks=None, window=No
     rep = num_heads // kv_heads
     qg = (q.float() * scale).permute(0, 2, 1, 3).reshape(b, kv_heads, rep * sq, dk)
     scores = torch.matmul(qg, k.float().permute(0, 2, 3, 1)).view(b, kv_heads, rep, sq, -1)
+    # The mask as an additive bias (0 or -inf), built once without the head dims: its backward
+    # is the identity, where masked_fill's would fill the gradient again per head.
     hidden = hidden_keys(q_pos, k_pos, window=window, q_seg=q_seg, k_seg=k_seg)
-    scores = scores.masked_fill(hidden[:, None, None], float("-inf"))
+    bias = torch.zeros(hidden.shape, dtype=scores.dtype, device=scores.device).masked_fill_(hidden, float("-inf"))
+    scores = scores + bias[:, None, None]
     if sinks is not None:
         sink = sinks.float().view(1, kv_heads, rep, 1, 1).expand(b, kv_heads, rep, sq, 1)
         scores = torch.cat([scores, sink], dim=-1)
