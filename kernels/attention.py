@@ -155,9 +155,8 @@ def attention_self(q, k, v, *, scale: float, q_pos, k_pos, sinks=None, window=No
     path on CPU. Every query sees at least its own key (queries and keys are the same tokens),
     so no row is empty and a plain softmax (one exp, and autograd's cheap softmax backward)
     replaces the reference's log-sum-exp and exp. The query heads sharing a kv head are rows of
-    one matmul (no repeat of k and v), as in `attention_grouped`. About 2x faster forward and
-    backward than the reference on the small model's layers; equal to fp32 rounding
-    (tests/kernels/test_attention_self.py). Returns (out, None)."""
+    one matmul (no repeat of k and v), as in `attention_grouped`. Equal to the reference to
+    fp32 rounding (tests/kernels/test_attention_self.py). Returns (out, None)."""
     b, sq, num_heads, dk = q.shape
     kv_heads, dv = k.shape[2], v.shape[3]
     rep = num_heads // kv_heads

@@ -44,7 +44,7 @@ class MegatronOptions:
     expert_bias_update_rate: float = 1e-3
     # None: megatron's "allgather" dispatcher where no token leaves the rank (ep = tp = 1: it only
     # permutes, where "alltoall" also re-sorts and copies the tokens per expert and back; the
-    # same result bit for bit, 10% of an MoE layer's time on CPU), "alltoall" otherwise.
+    # same result bit for bit, in less time), "alltoall" otherwise.
     moe_dispatcher: str | None = None
     recompute: str | None = None  # None, "full" or "selective" (MiMoAttention recomputes its core)
 

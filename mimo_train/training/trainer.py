@@ -98,8 +98,8 @@ def fuse_adam(optimizer) -> None:
 
     Without Transformer Engine or Apex, megatron builds `torch.optim.AdamW` with torch's default
     implementation, which on CPU is a Python loop of about ten ops per parameter tensor. The
-    fused kernel does the same update in one pass per tensor (3x faster over the small model's
-    290 tensors; the results agree to fp32 rounding, 2e-7). `fused` is a per-group setting read at
+    fused kernel does the same update in one pass per tensor (the results agree to fp32
+    rounding). `fused` is a per-group setting read at
     each step, so it is set here after construction and again after an optimizer state is
     loaded (a checkpoint's param groups carry the setting they were saved with)."""
     for chained in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
@@ -221,7 +221,7 @@ class Trainer:
     def _clip_and_step(self, grad_norm: float) -> bool:
         """megatron's ChainedOptimizer.step() from its gradient norm on: clip every optimizer's
         gradients by the total norm, then step. (step() itself would prepare the gradients and
-        compute the norm a second time, 10 ms a step on the small model.)"""
+        compute the norm a second time.)"""
         for optimizer in getattr(self.optimizer, "chained_optimizers", None) or [self.optimizer]:
             params = optimizer.get_parameters()
             if getattr(optimizer, "is_stub_optimizer", False) or not params or optimizer.config.clip_grad <= 0.0:
