@@ -69,3 +69,14 @@ def random_lengths(rng: random.Random, count: int, lo: int, hi: int, block: int 
     """Sequence lengths in [lo, hi], none a multiple of the kernels' test block size."""
     lengths = [rng.randint(lo, hi) for _ in range(count)]
     return [n + 1 if n % block == 0 else n for n in lengths]
+
+
+def packed_row(lengths, heads=4, kv_heads=2, dk=12, dv=8):
+    """One packed row of segments of these lengths: q, k, v (requiring grad), positions that
+    restart at each segment, and segment ids."""
+    n = sum(lengths)
+    pos, seg = packed(lengths, 1, "cpu")
+    q = torch.randn(1, n, heads, dk, requires_grad=True)
+    k = torch.randn(1, n, kv_heads, dk, requires_grad=True)
+    v = torch.randn(1, n, kv_heads, dv, requires_grad=True)
+    return q, k, v, pos, seg

@@ -10,17 +10,8 @@ import importlib
 import pytest
 import torch
 
+from tests.kernels.attention_utils import packed_row
 from mimo_train.kernels.attention import attention, attention_banded, attention_reference, attention_self
-
-
-def _packed(lengths, heads, kv_heads, dk=12, dv=8):
-    n = sum(lengths)
-    seg = torch.cat([torch.full((L,), i) for i, L in enumerate(lengths)])[None]
-    pos = torch.cat([torch.arange(L) for L in lengths])[None]
-    q = torch.randn(1, n, heads, dk, requires_grad=True)
-    k = torch.randn(1, n, kv_heads, dk, requires_grad=True)
-    v = torch.randn(1, n, kv_heads, dv, requires_grad=True)
-    return q, k, v, pos, seg
 
 
 def _grads(out, weights, params):
@@ -38,7 +29,7 @@ def _grads(out, weights, params):
 ])
 def test_training_attention_equals_the_reference(heads, kv_heads, window, sinks, lengths):
     torch.manual_seed(0)
-    q, k, v, pos, seg = _packed(lengths, heads, kv_heads)
+    q, k, v, pos, seg = packed_row(lengths, heads, kv_heads)
     s = (torch.randn(heads) * 2).requires_grad_() if sinks else None
     kw = dict(scale=0.3, q_pos=pos, k_pos=pos, sinks=s, window=window, q_seg=seg, k_seg=seg)
     out, lse = attention(q, k, v, lse=False, **kw)  # what MiMoAttention calls
@@ -55,7 +46,7 @@ def test_a_window_one_wider_is_seen():
     """The control: the comparison above is sensitive to the masking rule (a window of 8
     instead of 7 moves the outputs far beyond its tolerance)."""
     torch.manual_seed(0)
-    q, k, v, pos, seg = _packed([40], 6, 2)
+    q, k, v, pos, seg = packed_row([40], 6, 2)
     kw = dict(scale=0.3, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg)
     assert (attention_self(q, k, v, window=8, **kw)[0] - attention_reference(q, k, v, window=7, **kw)[0]).abs().max() > 1e-2
 
@@ -66,7 +57,7 @@ def test_the_dispatcher_sends_only_self_attention_without_lse_there(monkeypatch)
     monkeypatch.setattr(module, "attention_self",
                         lambda *a, **kw: calls.append(1) or attention_self(*a, **kw))
     torch.manual_seed(0)
-    q, k, v, pos, seg = _packed([20], 4, 2)
+    q, k, v, pos, seg = packed_row([20], 4, 2)
     kw = dict(scale=0.3, sinks=None, window=None, q_seg=seg, k_seg=seg)
     attention(q, k, v, q_pos=pos, k_pos=pos, lse=False, **kw)
     assert calls == [1]
@@ -81,7 +72,7 @@ def test_a_long_sliding_window_row_goes_banded(monkeypatch):
     calls = []
     monkeypatch.setattr(module, "attention_banded", lambda *a, **kw: calls.append(1) or attention_banded(*a, **kw))
     torch.manual_seed(0)
-    q, k, v, pos, seg = _packed([256], 4, 2)
+    q, k, v, pos, seg = packed_row([256], 4, 2)
     kw = dict(scale=0.3, q_pos=pos, k_pos=pos, sinks=None, q_seg=seg, k_seg=seg, lse=False)
     attention(q, k, v, window=32, **kw)
     assert calls == [1]
