@@ -176,6 +176,7 @@ def attention_self(q, k, v, *, scale: float, q_pos, k_pos, sinks=None, window=No
     out = torch.matmul(probs.reshape(b, kv_heads, rep * sq, -1), v.float().transpose(1, 2))
     return out.view(b, num_heads, sq, dv).transpose(1, 2).to(v.dtype), None
 
+
 def banded_block(window: int) -> int:
     """Query block of `attention_banded`: at least 64 rows (fewer makes the small matmuls
     per-call bound), and at least the window, so a block's keys are at most twice its rows."""

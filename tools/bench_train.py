@@ -9,7 +9,8 @@ token batch, on the same device and in the same precision, one process, AdamW, i
 the batch's rows go through one at a time and their gradients accumulate before one optimizer
 step (our micro-batch of one packed row), each is warmed up (2 steps), then the sides take their
 timed steps in turn (so a load on the machine that comes and goes slows all alike; the JSON
-keeps every step's seconds), and GPU work is synchronised before each clock read. Precision: fp32 on CPU; on a GPU bf16
+keeps every step's seconds), and GPU work is synchronised before each clock read.
+Precision: fp32 on CPU; on a GPU bf16
 (ours: megatron's bf16 parameters with fp32 master weights; transformers': fp32 parameters under
 bf16 autocast, its usual mixed precision), or --dtype fp32 for both. The JSON gives tokens/s of
 each, the ratio, and where it ran (tools/bench_env.py). Ours also reports its step with the MTP

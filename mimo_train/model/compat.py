@@ -37,10 +37,10 @@ synchronous (the queue is filled and read in the training process), so a plain i
 queue serves the same purpose.
 
 `skip_single_rank_buffer_collectives()` is applied on any machine too, by the trainer: with one
-data-parallel rank the distributed optimizer's parameter all-gather and gradient
-reduce-scatter (distributed/param_and_grad_buffer.py) gather a buffer into itself, which gloo
-still copies. Over a group of one rank the result is the
-input, so the call is skipped (or is a copy where megatron passes two separate buffers).
+data-parallel rank the distributed optimizer's parameter all-gather and gradient reduce-scatter
+(distributed/param_and_grad_buffer.py) gather a buffer into itself, which gloo still copies.
+Over a group of one rank the result is the input, so the call is skipped (or is a copy where
+megatron passes two separate buffers).
 
 `foreach_multi_tensor_fallbacks()` (any machine without Apex/TE, by the trainer): megatron's own
 stand-ins for Apex's multi-tensor kernels (megatron/core/utils.py) take the gradient norm one

@@ -56,7 +56,7 @@ class _Stack(torch.autograd.Function):
 def stacked_weights_reused(modules):
     """Within this block the experts' weights do not change (one step's micro-batches: the
     optimizer steps after it), so each GroupedExperts stacks its weights once, not once per
-    micro-batch (on the small model a quarter of the stacking copies of a 4-micro-batch step)."""
+    micro-batch (a step of 4 micro-batches makes one copy of them instead of 4)."""
     experts = [m for module in modules for m in module.modules() if isinstance(m, GroupedExperts)]
     for e in experts:
         e._stacks = {}

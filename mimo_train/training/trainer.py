@@ -99,9 +99,9 @@ def fuse_adam(optimizer) -> None:
     Without Transformer Engine or Apex, megatron builds `torch.optim.AdamW` with torch's default
     implementation, which on CPU is a Python loop of about ten ops per parameter tensor. The
     fused kernel does the same update in one pass per tensor (the results agree to fp32
-    rounding). `fused` is a per-group setting read at
-    each step, so it is set here after construction and again after an optimizer state is
-    loaded (a checkpoint's param groups carry the setting they were saved with)."""
+    rounding). `fused` is a per-group setting read at each step, so it is set here after
+    construction and again after an optimizer state is loaded (a checkpoint's param groups
+    carry the setting they were saved with)."""
     for chained in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
         inner = chained.optimizer
         if isinstance(inner, torch.optim.AdamW):
