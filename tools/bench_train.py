@@ -221,9 +221,8 @@ def optimizer_names(optimizer) -> list[str]:
 
 def versus_deepspeed(model: str, rows: list[dict], steps: int, device: torch.device, bf16: bool,
                      zero_stage: int) -> dict:
-    """Megatron Trainer vs DeepSpeedTrainer from equal weights on equal batches (module docstring).
-    The two are timed step by step in turn, so that a load on the machine that comes and goes
-    slows both alike rather than whichever ran during it."""
+    """Megatron Trainer vs DeepSpeedTrainer from equal weights on equal batches (module docstring),
+    timed step by step in turn (`interleaved`)."""
     import tempfile
 
     torch.manual_seed(0)
@@ -233,16 +232,12 @@ def versus_deepspeed(model: str, rows: list[dict], steps: int, device: torch.dev
         ds = deepspeed_trainer(served, model, len(rows), bf16, zero_stage)
     trainers = {"megatron": meg, "deepspeed": ds}
     losses = {name: [] for name in trainers}
-    seconds = {name: [] for name in trainers}
-    for i in range(2 + steps):  # 2 warm-up steps each (their losses are the parity check), then the timed ones
-        for name, trainer in trainers.items():
-            sync(device)
-            start = time.perf_counter()
-            result = trainer.train_step(rows)
-            sync(device)
-            if i >= 2:
-                seconds[name].append(time.perf_counter() - start)
-            losses[name].append(result.metrics["loss/main"])
+
+    def step_of(name):
+        return lambda: losses[name].append(trainers[name].train_step(rows).metrics["loss/main"])
+
+    # 2 warm-up steps each (their losses are the parity check), then the timed ones.
+    seconds = interleaved({name: step_of(name) for name in trainers}, steps, device, warmup=2)
     tokens = sum(int(r["tokens"].numel()) for r in rows)
     per_s = {name: tokens * len(s) / sum(s) for name, s in seconds.items()}
     parity = {}

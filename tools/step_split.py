@@ -282,10 +282,15 @@ class StepSplit:
         if self._stack and self._stack[-1].kind is not None:
             self._acc[self._stack[-1].kind]["bwd_s" if self._in_bwd else "fwd_s"] += now - self._last
         self._last = now
-        if begin and any(c.leaf and c.state == OPEN for c in self._stack):
-            for call in [c for c in self._stack if c.leaf and c.state == OPEN]:
-                call.state = CLOSED
-                self._stack.remove(call)
+        if begin:
+            self._close_open(leaves_only=True)
+
+    def _close_open(self, leaves_only: bool) -> None:
+        """Close the backward regions still open (only the leaves: regions whose inputs need no
+        gradient, closed when the next region's backward starts)."""
+        for call in [c for c in self._stack if c.state == OPEN and (c.leaf or not leaves_only)]:
+            call.state = CLOSED
+            self._stack.remove(call)
 
     def _done(self, now: float) -> None:
         """The end of a hook: its own time is bookkeeping, charged to no kind."""
@@ -366,9 +371,7 @@ class StepSplit:
     def _end_backward(self) -> None:
         now = self._clock()
         self._advance(now)
-        for call in [c for c in self._stack if c.state == OPEN]:  # any still open (a leaf: the embedding)
-            call.state = CLOSED
-            self._stack.remove(call)
+        self._close_open(leaves_only=False)  # any still open (a leaf: the embedding)
         self._backward_s += now - self._bwd_start
         self._in_bwd = False
         self._done(now)
