@@ -101,7 +101,7 @@ def test_grpo_kill_9_stops_its_servers_and_resume_equals_an_uninterrupted_run(rl
     latest = killed / "checkpoints" / "latest"
     wait_for(lambda: latest.exists() and latest.read_text() == "iter_0000002", proc)
     groups = server_groups(str(killed))
-    assert groups and len(group_members(groups)) >= 3  # API server, engine core, worker
+    assert groups and len(group_members(groups)) >= 2  # API server, engine core (with the worker)
     proc.kill()  # SIGKILL: no handler runs, no final save
     proc.wait()
     assert (killed / "vllm" / "server0.log").exists()
