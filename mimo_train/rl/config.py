@@ -134,6 +134,7 @@ class VLLMConfig:
     port: int = 0  # the first server's port (the next ones follow); 0: free ports
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU (also the dtype weights travel in)
     kv_cache_gb: float = 0.25  # CPU servers: memory for the KV cache
+    cpu_threads: int = 0  # CPU servers: OpenMP threads of each; 0: every core (not the trainer's OMP_NUM_THREADS)
     gpu_memory_utilization: float = 0.5  # GPU servers: the share of each GPU vLLM may take
     enforce_eager: bool = True  # no torch.compile / CUDA graphs (start-up in seconds, not minutes)
     pad_v_head: bool | None = None  # null: pad v heads when vLLM runs on CPU and v_head_dim != head_dim
@@ -165,7 +166,7 @@ class VLLMConfig:
         return ServerSpec(python=str(python if python.is_absolute() else ROOT / python), host=self.host,
                           dtype=self.dtype_on(cuda), kv_cache_bytes=None if cuda else int(self.kv_cache_gb * (1 << 30)),
                           gpu_memory_utilization=self.gpu_memory_utilization, enforce_eager=self.enforce_eager,
-                          extra_args=list(self.extra_args), **fields)
+                          cpu_threads=self.cpu_threads, extra_args=list(self.extra_args), **fields)
 
     def validate(self) -> None:
         _need(self.servers >= 1 and self.tensor_parallel >= 1, "rollout.vllm: servers and tensor_parallel must be >= 1")
@@ -175,6 +176,7 @@ class VLLMConfig:
               "rollout.vllm: bucket_mb and kv_cache_gb must be > 0, gpu_memory_utilization in (0, 1]")
         _need(self.port == 0 or 1024 <= self.port < 65536, f"rollout.vllm.port={self.port}: use 0 (free ports) or 1024..65535")
         _need(self.retries >= 0, "rollout.vllm.retries must be >= 0")
+        _need(self.cpu_threads >= 0, f"rollout.vllm.cpu_threads={self.cpu_threads}: use 0 (every core) or a thread count")
         for url in self.urls:
             _need(url.startswith(("http://", "https://")), f"rollout.vllm.urls: {url!r} is not an http(s):// URL")
 

@@ -169,6 +169,8 @@ class ServerSpec:
     return_routed_experts: bool = False
     max_logprobs: int = 20  # the most top-k log-probs a request may ask for (vLLM's default: 20)
     stock_mtp: bool = False  # vLLM's own MTP drafter (layer 0 for every draft) instead of our plugin's
+    cpu_threads: int = 0  # CPU servers' OpenMP threads; 0: torch's default (every core the process may use)
+    worker_process: bool = False  # True: one worker in a process of its own too (vLLM's CPU default; cores bound)
     extra_args: list[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -205,21 +207,26 @@ class ServerSpec:
             cmd += ["--enforce-eager"]
         if self.return_routed_experts:
             cmd += ["--enable-return-routed-experts"]
-        if self.tensor_parallel == 1:
+        if self.worker_in_engine:
             # The one worker inside the engine-core process, as vLLM runs one GPU: a server is two
             # processes, not three. vLLM's CPU platform otherwise puts it in a process of its own
-            # (for OpenMP settings a spawned process can take); that is a third import of vLLM,
-            # measured 21.5 -> 14.5 s to a ready server here (tiny model, 2 cores). server_env
-            # tells the CPU platform to keep this choice.
+            # (for OpenMP settings a spawned process can take); that is a third import of vLLM:
+            # `python tools/bench_vllm_start.py` compares the two. server_env tells the CPU
+            # platform to keep this choice.
             cmd += ["--distributed-executor-backend", "uni"]
         return cmd + list(self.extra_args)
+
+    @property
+    def worker_in_engine(self) -> bool:
+        return self.tensor_parallel == 1 and not self.worker_process
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
 
-def server_env(routed_experts: bool = False, stock_mtp: bool = False, one_worker: bool = False) -> dict[str, str]:
+def server_env(routed_experts: bool = False, stock_mtp: bool = False, one_worker: bool = False,
+               cpu_threads: int = 0) -> dict[str, str]:
     env = {**os.environ,
            "VLLM_SERVER_DEV_MODE": "1",  # mounts the RL routes: pause, resume, weight transfer
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",  # never download anything
@@ -233,6 +240,12 @@ def server_env(routed_experts: bool = False, stock_mtp: bool = False, one_worker
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     else:
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    # The worker's threads are the server's choice, not inherited: torchrun gives the trainer's
+    # ranks OMP_NUM_THREADS=1, which would leave a CPU server one core.
+    if cpu_threads > 0:
+        env["OMP_NUM_THREADS"] = str(cpu_threads)
+    else:
+        env.pop("OMP_NUM_THREADS", None)
     if stock_mtp:  # mimo_train_vllm then leaves vLLM's MiMo-V2 drafter in place
         env["MIMO_VLLM_STOCK_MTP"] = "1"
     else:
@@ -275,7 +288,7 @@ class VLLMServer:
         from mimo_train.rollout.vllm.watchdog import die_with_parent
 
         self.proc = subprocess.Popen([sys.executable, str(WATCHDOG), str(s.log), "--", *s.command()],
-                                     env=server_env(s.return_routed_experts, s.stock_mtp, s.tensor_parallel == 1), stdin=subprocess.DEVNULL,
+                                     env=server_env(s.return_routed_experts, s.stock_mtp, s.worker_in_engine, s.cpu_threads), stdin=subprocess.DEVNULL,
                                      cwd=s.log.parent, preexec_fn=die_with_parent)
         return self
 

@@ -2,7 +2,7 @@ import pytest
 
 from tests.rl.rl_runs import DOMAINS, init_args
 from tests.shared_build import build_once
-from tests.training.runs import make_data, train, train_here
+from tests.training.runs import make_data, train_here
 
 # The session fixtures are built once per pytest run and shared by the xdist workers
 # (tests/shared_build.py): read-only.
@@ -32,12 +32,12 @@ def teacher_init(rl_data, tmp_path_factory, megatron_single):
 
 
 @pytest.fixture(scope="session")
-def mopd_reference(rl_data, student_init, teacher_init, tmp_path_factory):
+def mopd_reference(rl_data, student_init, teacher_init, tmp_path_factory, megatron_single):
     """One process, 4 MOPD steps, a checkpoint every 2: the run the others are held to."""
     from tests.rl.rl_runs import mopd_args
 
     return build_once(tmp_path_factory, "mopd_ref",
-                      lambda d: train(mopd_args(rl_data, d, student_init, teacher_init, "checkpoint.every=2",
+                      lambda d: train_here(mopd_args(rl_data, d, student_init, teacher_init, "checkpoint.every=2",
                                                 "checkpoint.keep_last=5", steps=4)))
 
 

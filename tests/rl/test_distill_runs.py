@@ -8,7 +8,7 @@ import pytest
 
 from tests.rl.rl_runs import DOMAINS, mopd_args
 from tests.rl.test_mopd_runs import assert_close
-from tests.training.runs import metrics, train
+from tests.training.runs import metrics, train, train_here
 
 COMPARED = ["loss/policy", "rl/ratio_mean", "reward/mean", "loss/mtp_1", "grad_norm"] + \
     [f"distill/{m}/{d}" for m in ("kl", "teacher_topk_mass", "student_topk_mass") for d in DOMAINS]
@@ -16,9 +16,9 @@ VOCAB = 256  # the tiny preset's
 
 
 @pytest.fixture(scope="module")
-def topk_reference(rl_data, student_init, teacher_init, tmp_path_factory):
+def topk_reference(rl_data, student_init, teacher_init, tmp_path_factory, megatron_single):
     run = tmp_path_factory.mktemp("topk_ref")
-    train(mopd_args(rl_data, run, student_init, teacher_init, "rl.distill_loss=topk", "rl.distill_topk=8"))
+    train_here(mopd_args(rl_data, run, student_init, teacher_init, "rl.distill_loss=topk", "rl.distill_topk=8"))
     return run
 
 
@@ -45,9 +45,9 @@ def test_world_size_2_matches_one_process(layout, rl_data, student_init, teacher
         assert_close(ours[step], reference[step], [k for k in COMPARED if k in reference[step]])
 
 
-def test_topk_over_the_whole_vocabulary_is_full(rl_data, student_init, teacher_init, tmp_path):
-    train(mopd_args(rl_data, tmp_path / "full", student_init, teacher_init, "rl.distill_loss=full"))
-    train(mopd_args(rl_data, tmp_path / "topk", student_init, teacher_init, "rl.distill_loss=topk",
+def test_topk_over_the_whole_vocabulary_is_full(rl_data, student_init, teacher_init, tmp_path, megatron_single):
+    train_here(mopd_args(rl_data, tmp_path / "full", student_init, teacher_init, "rl.distill_loss=full"))
+    train_here(mopd_args(rl_data, tmp_path / "topk", student_init, teacher_init, "rl.distill_loss=topk",
                     f"rl.distill_topk={VOCAB}"))
     full, topk = metrics(tmp_path / "full"), metrics(tmp_path / "topk")
     for step in (1, 2):

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from tests.rl.rl_runs import DOMAINS, mopd_args, teachers_override
-from tests.training.runs import launch, metrics, train
+from tests.training.runs import launch, metrics, train, train_here
 
 # What a step computes from the rollouts: equal only if the rollouts, the teachers' scores,
 # the recomputed log-probs, the MTP losses and the weight sync all agree.
@@ -78,7 +78,7 @@ def test_resuming_with_other_teachers_is_refused(rl_data, student_init, teacher_
     assert "was trained with teachers" in out and "rl.teachers" in out
 
 
-def test_routing_replay_off_logs_router_disagreement(rl_data, student_init, teacher_init, tmp_path):
-    train(mopd_args(rl_data, tmp_path, student_init, teacher_init, "rl.routing_replay=false", steps=1))
+def test_routing_replay_off_logs_router_disagreement(rl_data, student_init, teacher_init, tmp_path, megatron_single):
+    train_here(mopd_args(rl_data, tmp_path, student_init, teacher_init, "rl.routing_replay=false", steps=1))
     row = metrics(tmp_path)[1]
     assert 0 <= row["moe/router_disagreement"] <= 1

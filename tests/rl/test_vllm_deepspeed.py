@@ -13,6 +13,7 @@ import torch
 
 from mimo_train.rl.weight_stream import received
 from mimo_train.rl.zero_weights import StudentWeightsError, ZeroWeights, gather_groups
+from tests.rollout.vllm_utils import SERVER_THREADS_ARG
 from tests.training.runs import launch, tool
 
 WORKER = "tests/rl/zero_stream_worker.py"
@@ -38,7 +39,7 @@ def ds_config(rl_data, student, run_dir, *extra):
                         "train.steps=2", "train.global_batch=8", "train.micro_batch=4", "rl.prompts_per_step=4",
                         "rl.group_size=2", "optim.warmup_steps=0", f"rl.prompts={rl_data}/train.jsonl",
                         f"data.tokenizer={rl_data}/tokenizer", f"logging.run_dir={run_dir}", "logging.progress=false",
-                        "logging.plot=false", "rollout.vllm.kv_cache_gb=0.25", *extra])
+                        "logging.plot=false", "rollout.vllm.kv_cache_gb=0.25", SERVER_THREADS_ARG, *extra])
 
 
 def hf_model(student, weights=None):

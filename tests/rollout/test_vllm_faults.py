@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from mimo_train.rollout.vllm.server import ServerError, ServerSpec, VLLMServer, free_port, write_model_dir
-from tests.rollout.vllm_utils import VLLM_PYTHON, group_members, need_vllm, server_groups, tiny32, vllm
+from tests.rollout.vllm_utils import SERVER_THREADS, VLLM_PYTHON, group_members, need_vllm, server_groups, tiny32, vllm
 
 
 @pytest.fixture
@@ -17,7 +17,8 @@ def spec(tmp_path, tokenizer_dir):
     def make(**kw) -> ServerSpec:
         model = write_model_dir(tmp_path / "model", tiny32(), tokenizer_dir, pad_v_head=True)
         return ServerSpec(**{"python": str(VLLM_PYTHON), "model": model, "port": free_port(),
-                             "log": tmp_path / "server.log", "kv_cache_bytes": 64 << 20, "max_model_len": 64, **kw})
+                             "log": tmp_path / "server.log", "kv_cache_bytes": 64 << 20, "max_model_len": 64,
+                             "cpu_threads": SERVER_THREADS, **kw})
     return make
 
 

@@ -1,6 +1,9 @@
 """A real vLLM server fed by our weight streaming (the trainer's side in this process): after an
 update it computes the trainer's log-probs; its greedy MTP decoding gives our engine's tokens;
-a draft-only update changes acceptance and not one token."""
+a draft-only update changes acceptance and not one token; a one-worker server is two processes
+on the threads it was given."""
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +14,8 @@ from mimo_train.rl.weight_gather import gather_serving_weights
 from mimo_train.rl.weight_stream import MegatronWeights, ServingGeometry
 from mimo_train.rollout import Engine, EngineConfig, SamplingParams
 from mimo_train.rollout.vllm.client import VLLMClient, spec_delta
-from tests.rollout.vllm_utils import chain_model, start_server, tiny32, vllm
+from mimo_train.rollout.vllm.server import server_env
+from tests.rollout.vllm_utils import SERVER_THREADS, chain_model, group_members, server_groups, start_server, tiny32, vllm
 
 pytestmark = vllm
 K = 3
@@ -24,7 +28,7 @@ def served(tmp_path_factory, tokenizer_dir, megatron_single):
     client = VLLMClient(server.url, describe=server.describe())
     sync = VLLMWeightSync([client], MegatronWeights(cfg, torch.float32, ServingGeometry(pad_v_head=True)),
                           drafter=True, bucket_bytes=64 << 10)
-    yield cfg, client, sync
+    yield cfg, client, sync, server
     server.stop()
 
 
@@ -49,7 +53,7 @@ def prompt_logprobs(client: VLLMClient, seq: list[int]) -> torch.Tensor:
 
 
 def test_an_update_makes_vllm_compute_the_trainers_logprobs(served):
-    cfg, client, sync = served
+    cfg, client, sync, _ = served
     model = model_with(cfg, seed=0)
     seq = torch.randint(3, cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(1)).tolist()  # > window
     with torch.no_grad():
@@ -74,7 +78,7 @@ def greedy(client: VLLMClient, prompts):
 
 
 def test_greedy_mtp_decoding_gives_our_engines_tokens_and_a_draft_update_changes_only_acceptance(served):
-    cfg, client, sync = served
+    cfg, client, sync, _ = served
     model = model_with(cfg, seed=2, shape=chain_model)
     sync.push([model], version=6)
     prompts = [[1, 17, 40], [1, 99, 5, 7, 200]]
@@ -95,3 +99,22 @@ def test_greedy_mtp_decoding_gives_our_engines_tokens_and_a_draft_update_changes
     assert tokens_after == tokens
     assert accept_after < 2.0
     assert client.weight_version() == "7"
+
+
+def test_one_worker_runs_inside_the_engine_core_on_the_threads_it_was_given(served, monkeypatch):
+    """vLLM's CPU platform would start the worker as a third process (a third import of vLLM);
+    the server keeps it in the engine core. Its threads are the spec's, not the caller's
+    OMP_NUM_THREADS (torchrun sets 1 for the trainer's ranks)."""
+    server = served[3]
+    members = group_members(server_groups(str(server.spec.model)))
+    vllm_processes = [m for m in members if "resource_tracker" not in m]  # multiprocessing's own helper
+    assert len(vllm_processes) == 2 and any("EngineCore" in m for m in vllm_processes), members
+    # The engine core inherits the API server's environment (setproctitle blanks its own copy).
+    api_server = next(m for m in vllm_processes if "api_server" in m)
+    environ = Path(f"/proc/{api_server.split(':')[0]}/environ").read_bytes().split(b"\0")
+    assert f"OMP_NUM_THREADS={SERVER_THREADS}".encode() in environ
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert "OMP_NUM_THREADS" not in server_env(one_worker=True, cpu_threads=0)  # torch's default: every core
+    assert server_env(one_worker=True, cpu_threads=3)["OMP_NUM_THREADS"] == "3"
+    assert server_env(one_worker=True)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in server_env(one_worker=False)  # tensor parallel: vLLM's own
