@@ -17,11 +17,6 @@ if LANE not in ("cpu", "gpu"):
 if LANE == "cpu":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.setdefault("WANDB_MODE", "disabled")
-# One OpenMP thread in every process of the suite (this one, the torchrun ranks, the vLLM servers
-# and tools it starts: they inherit it), unless the caller chose: `make test` keeps both cores
-# busy with two workers, and a tiny model's ops on two threads spend the other process's core
-# spin-waiting between them.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -21,7 +21,7 @@ from pathlib import Path
 
 # Hydra overrides appended to every `mimo_train/run.py` command: the tiny model, one step of 4
 # samples (RL: 2 prompts x 2 samples of at most 4 new tokens), no progress bars or plots, and
-# vLLM servers on one thread (as every process of the suite: tests/conftest.py).
+# the run's vLLM servers on the one thread its own processes get (OMP_NUM_THREADS=1 here).
 RUN_OVERRIDES = ["model=tiny", "train.steps=1", "optim.warmup_steps=0", "train.global_batch=4",
                  "train.micro_batch=2", "data.seq_len=32", "rl.prompts_per_step=2", "rl.group_size=2",
                  "rl.max_new_tokens=4", "logging.progress=false", "logging.plot=false", "rollout.vllm.cpu_threads=1"]

@@ -13,14 +13,14 @@ from mimo_train.rl.config import RLConfig, VLLMConfig
 from mimo_train.rl.teachers import InProcessTeacher, TeacherSpec, TeacherUnavailable
 from mimo_train.rl.vllm_teacher import VLLMTeachers
 from mimo_train.rollout import EngineConfig
-from tests.rollout.vllm_utils import SERVER_THREADS, server_groups, vllm
+from tests.rollout.vllm_utils import server_groups, vllm
 
 pytestmark = vllm
 MAX_LEN, TOP_K, TOL = 64, 5, 1e-4
 
 
 def run_config(tmp_path, rl_data, **rl) -> SimpleNamespace:
-    return SimpleNamespace(rollout=SimpleNamespace(vllm=VLLMConfig(kv_cache_gb=0.125, cpu_threads=SERVER_THREADS)), run_dir=tmp_path,
+    return SimpleNamespace(rollout=SimpleNamespace(vllm=VLLMConfig(kv_cache_gb=0.125)), run_dir=tmp_path,
                            data=SimpleNamespace(tokenizer=str(rl_data / "tokenizer")),
                            rl=RLConfig(teacher_timeout_s=60, teacher_retries=1, **rl))
 

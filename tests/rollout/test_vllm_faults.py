@@ -8,17 +8,18 @@ import socket
 
 import pytest
 
-from mimo_train.rollout.vllm.server import ServerError, ServerSpec, VLLMServer, free_port, write_model_dir
-from tests.rollout.vllm_utils import SERVER_THREADS, VLLM_PYTHON, group_members, need_vllm, server_groups, tiny32, vllm
+from mimo_train.rollout.vllm.server import ServerError, ServerSpec, VLLMServer, write_model_dir
+from tests.rollout.vllm_utils import VLLM_PYTHON, group_members, need_vllm, server_groups, tiny32, vllm
 
 
 @pytest.fixture
 def spec(tmp_path, tokenizer_dir):
     def make(**kw) -> ServerSpec:
         model = write_model_dir(tmp_path / "model", tiny32(), tokenizer_dir, pad_v_head=True)
-        return ServerSpec(**{"python": str(VLLM_PYTHON), "model": model, "port": free_port(),
-                             "log": tmp_path / "server.log", "kv_cache_bytes": 64 << 20, "max_model_len": 64,
-                             "cpu_threads": SERVER_THREADS, **kw})
+        # port 0: a free port, picked again if another process takes it before vLLM binds it
+        # (a fixed free_port() lost that race once in the suite: "Address already in use").
+        return ServerSpec(**{"python": str(VLLM_PYTHON), "model": model, "port": 0,
+                             "log": tmp_path / "server.log", "kv_cache_bytes": 64 << 20, "max_model_len": 64, **kw})
     return make
 
 

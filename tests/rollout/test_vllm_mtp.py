@@ -14,7 +14,7 @@ from mimo_train.rollout import Engine, EngineConfig, SamplingParams
 from mimo_train.rollout.vllm.client import VLLMClient, spec_delta
 from mimo_train.rollout.vllm.server import ServerSpec, VLLMServer, write_model_dir
 from tests.rollout.test_vllm_server import model_with
-from tests.rollout.vllm_utils import SERVER_THREADS, VLLM_PYTHON, chain_model, need_vllm, tiny32, vllm
+from tests.rollout.vllm_utils import VLLM_PYTHON, chain_model, need_vllm, tiny32, vllm
 
 pytestmark = vllm
 NEW_TOKENS = 40
@@ -33,8 +33,7 @@ def servers(tmp_path_factory, tokenizer_dir, megatron_single):
     try:
         for name, (k, stock) in kinds.items():
             spec = ServerSpec(python=str(VLLM_PYTHON), model=model, port=0, log=root / f"{name}.log",
-                              max_model_len=128, max_num_seqs=8, spec_depth=k, kv_cache_bytes=64 << 20, stock_mtp=stock,
-                              cpu_threads=SERVER_THREADS)
+                              max_model_len=128, max_num_seqs=8, spec_depth=k, kv_cache_bytes=64 << 20, stock_mtp=stock)
             started[name] = VLLMServer(spec).start()
         out = {}
         for name, server in started.items():

@@ -15,7 +15,7 @@ from mimo_train.rl.weight_stream import MegatronWeights, ServingGeometry
 from mimo_train.rollout import Engine, EngineConfig, SamplingParams
 from mimo_train.rollout.vllm.client import VLLMClient, spec_delta
 from mimo_train.rollout.vllm.server import server_env
-from tests.rollout.vllm_utils import SERVER_THREADS, chain_model, group_members, server_groups, start_server, tiny32, vllm
+from tests.rollout.vllm_utils import chain_model, group_members, server_groups, start_server, tiny32, vllm
 
 pytestmark = vllm
 K = 3
@@ -112,7 +112,8 @@ def test_one_worker_runs_inside_the_engine_core_on_the_threads_it_was_given(serv
     # The engine core inherits the API server's environment (setproctitle blanks its own copy).
     api_server = next(m for m in vllm_processes if "api_server" in m)
     environ = Path(f"/proc/{api_server.split(':')[0]}/environ").read_bytes().split(b"\0")
-    assert f"OMP_NUM_THREADS={SERVER_THREADS}".encode() in environ
+    assert b"VLLM_ENABLE_V1_MULTIPROCESSING=0" in environ  # else vLLM's CPU platform overrides the next
+    assert "--distributed-executor-backend uni" in " ".join(server.spec.command())
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert "OMP_NUM_THREADS" not in server_env(one_worker=True, cpu_threads=0)  # torch's default: every core
     assert server_env(one_worker=True, cpu_threads=3)["OMP_NUM_THREADS"] == "3"

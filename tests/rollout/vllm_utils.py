@@ -16,10 +16,9 @@ from mimo_train.training.config import ROOT
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 TINY32 = dict(num_key_value_heads=2, head_dim=32, swa_head_dim=32)  # overrides of the `tiny` preset
 TINY32_ARGS = ["model=tiny", "model.num_key_value_heads=2", "model.head_dim=32", "model.swa_head_dim=32"]
-# The suite's servers take one OpenMP thread each, as every process of the suite does
-# (tests/conftest.py): two test workers already keep both cores busy.
-SERVER_THREADS = 1
-SERVER_THREADS_ARG = f"rollout.vllm.cpu_threads={SERVER_THREADS}"  # for the servers a run starts
+# The servers a test's run starts get the one thread the run's own processes get
+# (tests/training/runs.py: OMP_NUM_THREADS=1); a server a test starts itself keeps the default.
+SERVER_THREADS_ARG = "rollout.vllm.cpu_threads=1"
 
 vllm = pytest.mark.vllm
 
@@ -39,8 +38,7 @@ def start_server(directory: Path, cfg: ModelConfig, tokenizer: Path, *, spec_dep
     need_vllm()
     model = write_model_dir(directory / "model", cfg, tokenizer, pad_v_head=cfg.v_head_dim != cfg.head_dim)
     spec = ServerSpec(python=str(VLLM_PYTHON), model=model, port=0, log=directory / "server.log",
-                      max_model_len=max_model_len, max_num_seqs=32, spec_depth=spec_depth, kv_cache_bytes=256 << 20,
-                      cpu_threads=SERVER_THREADS)
+                      max_model_len=max_model_len, max_num_seqs=32, spec_depth=spec_depth, kv_cache_bytes=256 << 20)
     server = VLLMServer(spec).start()
     try:
         server.wait_ready(timeout_s)
