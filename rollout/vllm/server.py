@@ -287,9 +287,9 @@ class VLLMServer:
         s.log.write_text(f"$ {' '.join(s.command())}\n")
         from mimo_train.rollout.vllm.watchdog import die_with_parent
 
-        self.proc = subprocess.Popen([sys.executable, str(WATCHDOG), str(s.log), "--", *s.command()],
-                                     env=server_env(s.return_routed_experts, s.stock_mtp, s.worker_in_engine, s.cpu_threads), stdin=subprocess.DEVNULL,
-                                     cwd=s.log.parent, preexec_fn=die_with_parent)
+        env = server_env(s.return_routed_experts, s.stock_mtp, s.worker_in_engine, s.cpu_threads)
+        self.proc = subprocess.Popen([sys.executable, str(WATCHDOG), str(s.log), "--", *s.command()], env=env,
+                                     stdin=subprocess.DEVNULL, cwd=s.log.parent, preexec_fn=die_with_parent)
         return self
 
     def alive(self) -> bool:

@@ -38,7 +38,7 @@ def mopd_reference(rl_data, student_init, teacher_init, tmp_path_factory, megatr
 
     return build_once(tmp_path_factory, "mopd_ref",
                       lambda d: train_here(mopd_args(rl_data, d, student_init, teacher_init, "checkpoint.every=2",
-                                                "checkpoint.keep_last=5", steps=4)))
+                                                     "checkpoint.keep_last=5", steps=4)))
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,8 @@ def ds_args(recipe: str, data, run_dir, student, *extra, teacher=None, steps: in
     """4 prompts x 2 samples of at most 6 new tokens per step, ZeRO-3 on however many ranks."""
     teachers = [teachers_override(teacher)] if teacher else []
     return [f"recipe={recipe}", "trainer=deepspeed", f"trainer.model_dir={student}", "rollout=vllm",
-            "rollout.vllm.kv_cache_gb=0.25", SERVER_THREADS_ARG, f"train.steps={steps}", "train.global_batch=8", "train.micro_batch=2",
+            "rollout.vllm.kv_cache_gb=0.25", SERVER_THREADS_ARG, f"train.steps={steps}", "train.global_batch=8",
+            "train.micro_batch=2",
             "rl.prompts_per_step=4", "rl.group_size=2", "rl.max_new_tokens=6", "rl.alpha=0.5",
             f"rl.prompts={data}/train.jsonl", f"data.tokenizer={data}/tokenizer", *teachers, "optim.lr=1e-3",
             "optim.min_lr=1e-3", "optim.warmup_steps=0", f"logging.run_dir={run_dir}", "logging.progress=false",

@@ -48,7 +48,7 @@ def test_world_size_2_matches_one_process(layout, rl_data, student_init, teacher
 def test_topk_over_the_whole_vocabulary_is_full(rl_data, student_init, teacher_init, tmp_path, megatron_single):
     train_here(mopd_args(rl_data, tmp_path / "full", student_init, teacher_init, "rl.distill_loss=full"))
     train_here(mopd_args(rl_data, tmp_path / "topk", student_init, teacher_init, "rl.distill_loss=topk",
-                    f"rl.distill_topk={VOCAB}"))
+                         f"rl.distill_topk={VOCAB}"))
     full, topk = metrics(tmp_path / "full"), metrics(tmp_path / "topk")
     for step in (1, 2):
         assert_close(full[step], topk[step], [k for k in COMPARED if k in full[step]])

@@ -27,4 +27,4 @@ def reference_run(synthetic_data, initial_weights, tmp_path_factory, megatron_si
     """One process, 6 steps, checkpoint every step: the baseline every other run is held to."""
     return build_once(tmp_path_factory, "training_reference",
                       lambda d: train_here(tiny_args(synthetic_data, d, "checkpoint.every=1", "checkpoint.keep_last=10",
-                                                "logging.plot=true", init=initial_weights)))
+                                                     "logging.plot=true", init=initial_weights)))
