@@ -26,12 +26,13 @@ LAYOUTS = {"worker_in_engine": False, "worker_process": True}  # name: ServerSpe
 
 
 def start_once(root: Path, model: Path, worker_process: bool, threads: int) -> float:
-    from mimo_train.rollout.vllm.server import ServerSpec, VLLMServer
-    from mimo_train.training.config import ROOT
+    from mimo_train.rl.config import VLLMConfig
+    from mimo_train.rollout.vllm.server import VLLMServer
 
-    spec = ServerSpec(python=str(ROOT / ".venv-vllm" / "bin" / "python"), model=model, port=0,
-                      log=root / f"worker_process_{worker_process}.log", max_model_len=256, max_num_seqs=32,
-                      kv_cache_bytes=256 << 20, cpu_threads=threads, worker_process=worker_process)
+    # As a run builds its servers' spec (rollout.vllm defaults: 0.25 GB of KV cache, eager, fp32).
+    spec = VLLMConfig(cpu_threads=threads).server_spec(
+        cuda=False, model=model, port=0, log=root / f"worker_process_{worker_process}.log", max_model_len=256,
+        max_num_seqs=32, worker_process=worker_process)
     t0 = time.perf_counter()
     server = VLLMServer(spec).start()
     try:

@@ -225,7 +225,7 @@ class ServerSpec:
         return f"http://{self.host}:{self.port}"
 
 
-def server_env(routed_experts: bool = False, stock_mtp: bool = False, one_worker: bool = False,
+def server_env(routed_experts: bool = False, stock_mtp: bool = False, worker_in_engine: bool = False,
                cpu_threads: int = 0) -> dict[str, str]:
     env = {**os.environ,
            "VLLM_SERVER_DEV_MODE": "1",  # mounts the RL routes: pause, resume, weight transfer
@@ -234,7 +234,7 @@ def server_env(routed_experts: bool = False, stock_mtp: bool = False, one_worker
            "PYTHONUNBUFFERED": "1"}
     if routed_experts:  # vLLM returns routed experts only from its V2 model runner (needs Triton with a GPU)
         env["VLLM_USE_V2_MODEL_RUNNER"] = "1"
-    if one_worker:
+    if worker_in_engine:
         # Read by vLLM's CPU platform, which then keeps `--distributed-executor-backend uni`
         # (ServerSpec.command); the API server still runs the engine core in a process of its own.
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"

@@ -115,7 +115,7 @@ def test_one_worker_runs_inside_the_engine_core_on_the_threads_it_was_given(serv
     assert b"VLLM_ENABLE_V1_MULTIPROCESSING=0" in environ  # else vLLM's CPU platform overrides the next
     assert "--distributed-executor-backend uni" in " ".join(server.spec.command())
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert "OMP_NUM_THREADS" not in server_env(one_worker=True, cpu_threads=0)  # torch's default: every core
-    assert server_env(one_worker=True, cpu_threads=3)["OMP_NUM_THREADS"] == "3"
-    assert server_env(one_worker=True)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
-    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in server_env(one_worker=False)  # tensor parallel: vLLM's own
+    assert "OMP_NUM_THREADS" not in server_env(worker_in_engine=True, cpu_threads=0)  # torch's default: every core
+    assert server_env(worker_in_engine=True, cpu_threads=3)["OMP_NUM_THREADS"] == "3"
+    assert server_env(worker_in_engine=True)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in server_env(worker_in_engine=False)  # tensor parallel: vLLM's own
