@@ -113,12 +113,44 @@ def command(kind: str, args: list[str]) -> tuple[list[str], dict]:
     raise SystemExit(f"doc_shell: unknown launcher {kind!r}")
 
 
+def forkable(kind: str, args: list[str]) -> bool:
+    """Whether the zygote can start this command: a script (not `python -m`/`-c`), and for
+    torchrun one node with nothing but --nproc-per-node given to the launcher."""
+    if kind == "python":
+        return bool(args) and not args[0].startswith("-")
+    at = _script_index(args)
+    if at is None:
+        return False
+    names = ("--nproc-per-node", "--nproc_per_node")
+    i = 0
+    while i < at:
+        if args[i] in names:
+            i += 2
+        elif args[i].split("=", 1)[0] in names:
+            i += 1
+        else:
+            return False
+    return True
+
+
 def main(argv: list[str]) -> None:
     argv_run, entry = command(argv[0], argv[1:])
     log = os.environ.get("DOCS_TEST_LOG")
     if log:
         with Path(log).open("a") as f:
             f.write(json.dumps({**entry, "cwd": os.getcwd(), "start": time.time()}) + "\n")
+    path = os.environ.get("DOCS_ZYGOTE")
+    if path and forkable(argv[0], argv[1:]):
+        # The same script and arguments in a process forked from the suite's zygote, which has
+        # torch and megatron-core imported already (tests/training/zygote.py says what a child
+        # gets); this process waits for it and exits with its status, as the shell expects.
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+        from tests.training import zygote
+
+        script = entry["script"]
+        code = zygote.run(path, script, shrink(script, entry["args"]), env=dict(os.environ), cwd=os.getcwd(),
+                          nproc=entry["nproc"])
+        sys.exit(code if code >= 0 else 128 - code)
     os.execv(argv_run[0], argv_run)
 
 

@@ -7,7 +7,8 @@ How (docs/training.md, "How the documented commands are tested", says the same f
   to the repository's code, recipes and configs and nothing else: data/, runs/, export/ are what
   the page's own commands make there.
 - `python` and `torchrun` in those blocks are shell functions that go through
-  tests/docs/doc_shell.py: the command runs as written, in a process of its own, with the tiny
+  tests/docs/doc_shell.py: the command runs as written, in a process of its own (forked from the
+  suite's zygote, tests/training/zygote.py, where it is a script's: torch already imported), with the tiny
   settings of `doc_shell.SHRINK` appended (`mimo_train/run.py`: the `tiny` model, one step of 4
   samples; `tools/make_data.py`: 100 rows per domain; `tools/evaluate.py`: 3 prompts per domain;
   `tools/bench_rollout.py`: one short round; `tools/accept_law.py`: 3 prompts, one short sample
@@ -42,6 +43,7 @@ from pathlib import Path
 import pytest
 
 from tests.docs import doc_shell
+from tests.training.runs import ZYGOTE
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -116,7 +118,8 @@ def _workdir(path: Path) -> Path:
 
 def _env(log: Path) -> dict:
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-           "DOCS_PY": sys.executable, "DOCS_SHELL": str(Path(doc_shell.__file__)), "DOCS_TEST_LOG": str(log)}
+           "DOCS_PY": sys.executable, "DOCS_SHELL": str(Path(doc_shell.__file__)), "DOCS_TEST_LOG": str(log),
+           "DOCS_ZYGOTE": ZYGOTE.path()}
     return env
 
 

@@ -2,15 +2,13 @@
 gives the logits of one process, for the main model and every MTP depth, and its sinks are
 checkpointed as TP shards of one tensor."""
 
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.model import tp_worker
+from tests.training.runs import launch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,9 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_tp2_logits_equal_one_process(tmp_path, megatron_single, feed):
     """With target_hidden the MTP layers read the decoder's pre-norm hidden state, sequence-
     parallel under TP like the normed one."""
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "29517", "tests/model/tp_worker.py",
-                    str(tmp_path / "tp2.pt"), "2", feed], cwd=ROOT, check=True, capture_output=True)
+    code, out = launch([str(tmp_path / "tp2.pt"), "2", feed], nproc=2, script=ROOT / "tests" / "model" / "tp_worker.py")
+    assert code == 0, out[-3000:]
     saved = torch.load(tmp_path / "tp2.pt")
     parallel = saved["logits"]
     single = tp_worker.logits(tp=1, feed=feed)

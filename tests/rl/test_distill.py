@@ -8,9 +8,6 @@ Carlo, and the tensor-parallel path to one process.
 """
 
 import math
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ import torch
 from mimo_train.rl import distill
 from mimo_train.rl.loss import distill_advantages, policy_loss
 from tests.rl import distill_tp_worker
+from tests.training.runs import launch
 
 ROOT = Path(__file__).resolve().parents[2]
 LN2 = math.log(2)
@@ -254,10 +252,8 @@ def test_chunks_of_positions_change_nothing(monkeypatch):
 def tp2(tmp_path_factory):
     """Both ranks' results from one `torchrun --nproc-per-node 2` launch of the worker."""
     out = tmp_path_factory.mktemp("distill_tp2")
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    run = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "29537", "tests/rl/distill_tp_worker.py",
-                          str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    code, printed = launch([str(out)], nproc=2, script=ROOT / "tests" / "rl" / "distill_tp_worker.py")
+    assert code == 0, printed[-3000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 

@@ -82,7 +82,7 @@ def test_rank0_failure_is_the_same_line_on_every_rank(rl_data, tmp_path):
 
     missing = tmp_path / "nowhere"
     args = mopd_args(rl_data, tmp_path / "run", tmp_path / "no_student", missing)
-    code, out = launch(args, nproc=2)
+    code, out = launch(args, nproc=2, interpreter=True)
     assert code != 0, out[-3000:]
     lines = [l for l in out.splitlines() if "error:" in l]
     assert len(lines) == 2 and lines[0] == lines[1], out[-3000:]

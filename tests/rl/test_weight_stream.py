@@ -5,7 +5,6 @@ the padded geometry vLLM's CPU attention needs computes the same function."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from mimo_train.rl.weight_gather import gather_serving_weights
 from mimo_train.rl.weight_stream import ServingGeometry, local_pieces, plan_stream, serving_tensors
 from mimo_train.rollout import Engine, EngineConfig, SamplingParams
 from tests.rollout.rollout_utils import random_prompts
+from tests.training.runs import launch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -86,15 +86,12 @@ def test_padded_value_heads_compute_the_same_function(megatron_single):
 def test_every_layout_streams_to_another_process(tmp_path, megatron_single):
     """TP=2, EP=2 and PP=2 trainers (2 gloo ranks) send their pieces to a receiver process; what
     it rebuilds equals the gather path's weights of the same distributed model."""
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     port = wire_port()
     receiver = subprocess.Popen([sys.executable, str(ROOT / "tests/rl/stream_worker.py"), "receive", str(port),
                                  str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        run = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(wire_port()),
-                              "tests/rl/stream_worker.py", "send", str(port), str(tmp_path)],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        code, printed = launch(["send", str(port), str(tmp_path)], nproc=2, script=ROOT / "tests/rl/stream_worker.py")
+        assert code == 0, printed[-3000:]
         out, _ = receiver.communicate(timeout=120)
         assert receiver.returncode == 0, out[-3000:]
     finally:

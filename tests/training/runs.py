@@ -6,7 +6,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
+
+from tests.training import zygote
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = ROOT / "mimo_train" / "run.py"
@@ -38,8 +41,16 @@ def make_data(out: Path, **kwargs) -> Path:
     return out
 
 
-def launch(args: list[str], nproc: int = 1, script: Path = RUN, wait: bool = True):
+def launch(args: list[str], nproc: int = 1, script: Path = RUN, wait: bool = True, interpreter: bool = False):
+    """Run `script` (run.py) with `args` on `nproc` ranks; with `wait`, its (exit status, output).
+
+    A run waited for is forked from this worker's zygote (tests/training/zygote.py: torch and
+    megatron-core already imported, torchrun's variables for more ranks); `interpreter=True`, or
+    `wait=False` (the test signals the process), starts `python` or `torchrun` itself, for the
+    tests of what the launcher does."""
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if wait and not interpreter:
+        return ZYGOTE.run(script, args, env, nproc, timeout_s=600)
     if nproc == 1:
         cmd = [sys.executable, str(script), *args]
     else:
@@ -50,6 +61,66 @@ def launch(args: list[str], nproc: int = 1, script: Path = RUN, wait: bool = Tru
         return proc
     out, _ = proc.communicate(timeout=600)
     return proc.returncode, out
+
+
+class Zygote:
+    """tests/training/zygote.py for this pytest worker: started on first use, ended with it."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.proc = None
+
+    def path(self) -> str:
+        """The zygote's socket, starting the zygote if it is not running."""
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self._start()
+            return self.socket
+
+    def _start(self) -> None:
+        import atexit
+        import tempfile
+
+        env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        self.socket = tempfile.mktemp(prefix="mimo-zygote-", suffix=".sock")
+        self.stderr = tempfile.TemporaryFile()
+        # stdin is its lifeline: it serves until this process's end of the pipe closes.
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "training" / "zygote.py"), self.socket],
+                                     cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr)
+        if not self.proc.stdout.readline():
+            self.proc.wait()
+            self.stderr.seek(0)
+            raise RuntimeError(f"the zygote (tests/training/zygote.py) exited with {self.proc.returncode}:\n"
+                               + self.stderr.read().decode(errors="replace")[-4000:])
+        atexit.register(self.close)
+
+    def run(self, script: Path, args: list[str], env: dict, nproc: int, timeout_s: float) -> tuple[int, str]:
+        """(exit status, output) of `script args` on `nproc` ranks; stdout and stderr together, as `launch`'s."""
+        import tempfile
+
+        path = self.path()
+        with tempfile.TemporaryFile() as log, open(os.devnull) as stdin:
+            try:
+                code = zygote.run(path, str(script), args, env=env, cwd=str(ROOT), nproc=nproc,
+                                  fds=(stdin.fileno(), log.fileno(), log.fileno()), timeout_s=timeout_s)
+            except TimeoutError as err:
+                raise subprocess.TimeoutExpired([str(script), *args], timeout_s) from err
+            log.seek(0)
+            return code, log.read().decode(errors="replace")
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None and os.path.exists(self.socket):
+            os.unlink(self.socket)
+
+
+ZYGOTE = Zygote()
 
 
 def kill_once_logged(proc, run_dir: Path, step: int, timeout_s: float = 300) -> None:
