@@ -24,8 +24,8 @@ How (docs/training.md, "How the documented commands are tested", says the same f
   servers is marked `<!-- docs-test: vllm -->`: its page's test then carries the `vllm` marker,
   so `make test VLLM=0` leaves it out.
 
-Budget: about 3 minutes on 2 cores (each command is a Python start-up plus one tiny step;
-two pages run at a time).
+Budget: about 2.5 minutes on 2 cores beside another test file (each command is a fork and one
+tiny step; the README and its DeepSpeed page's vLLM server take most of it; two pages run at a time).
 """
 
 from __future__ import annotations
