@@ -81,18 +81,25 @@ class Zygote:
         import atexit
         import tempfile
 
+        if self.proc is None:
+            atexit.register(self.close)
+        else:  # it died: what it said goes with the error of the run that saw it die
+            self.close()
         env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        self.socket = tempfile.mktemp(prefix="mimo-zygote-", suffix=".sock")
+        self.dir = tempfile.mkdtemp(prefix="mimo-zygote-")
+        self.socket = os.path.join(self.dir, "socket")
         self.stderr = tempfile.TemporaryFile()
         # stdin is its lifeline: it serves until this process's end of the pipe closes.
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "training" / "zygote.py"), self.socket],
                                      cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr)
         if not self.proc.stdout.readline():
-            self.proc.wait()
-            self.stderr.seek(0)
-            raise RuntimeError(f"the zygote (tests/training/zygote.py) exited with {self.proc.returncode}:\n"
-                               + self.stderr.read().decode(errors="replace")[-4000:])
-        atexit.register(self.close)
+            raise RuntimeError(self.died())
+
+    def died(self) -> str:
+        self.proc.wait()
+        self.stderr.seek(0)
+        return (f"the zygote (tests/training/zygote.py) exited with {self.proc.returncode}:\n"
+                + self.stderr.read().decode(errors="replace")[-4000:])
 
     def run(self, script: Path, args: list[str], env: dict, nproc: int, timeout_s: float) -> tuple[int, str]:
         """(exit status, output) of `script args` on `nproc` ranks; stdout and stderr together, as `launch`'s."""
@@ -105,19 +112,26 @@ class Zygote:
                                   fds=(stdin.fileno(), log.fileno(), log.fileno()), timeout_s=timeout_s)
             except TimeoutError as err:
                 raise subprocess.TimeoutExpired([str(script), *args], timeout_s) from err
+            except (RuntimeError, ConnectionError) as err:  # the connection dropped: did the zygote die?
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    raise err from None
+                raise RuntimeError(self.died()) from err
             log.seek(0)
             return code, log.read().decode(errors="replace")
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        import shutil
+
+        if self.proc.poll() is None:
             self.proc.stdin.close()
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc is not None and os.path.exists(self.socket):
-            os.unlink(self.socket)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 ZYGOTE = Zygote()
