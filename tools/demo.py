@@ -50,12 +50,34 @@ def _tool(name: str):
 def _run(console, title: str, argv: list[str]) -> float:
     from mimo_train.run import main as run
 
+    run_dir = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("logging.run_dir=")))
+    _claim_stage(run_dir, argv)
     console.rule(f"[bold]{title}")
     console.print("python mimo_train/run.py " + " ".join(argv), style="dim", soft_wrap=True, markup=False)
     start = time.time()
     if run(argv):
         raise SystemExit(f"demo: stage {title!r} failed")
     return time.time() - start
+
+
+def _claim_stage(run_dir: Path, argv: list[str]) -> None:
+    """A stage rerun resumes from its last checkpoint, so that an interrupted demo continues. A
+    run made with other settings (other arguments, another version of the demo) must not be
+    continued as if it were this one: each stage records its arguments, and a mismatch stops
+    the demo before any work, naming the directory."""
+    record = run_dir / "demo_stage.json"
+    if record.exists():
+        if json.loads(record.read_text()) == argv:
+            return
+        why = "was made with other settings than this demo's"
+    elif (run_dir / "checkpoints").exists():
+        why = "holds checkpoints this demo did not record making"
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(argv))
+        return
+    raise SystemExit(f"demo: {run_dir} {why} (it would be resumed as if it were this stage): "
+                     f"remove {run_dir.parent} to start over, or pass out=<another directory>")
 
 
 def _tokens(run_dir: Path, key: str) -> float:

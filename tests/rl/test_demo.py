@@ -68,3 +68,18 @@ def test_an_unknown_or_malformed_argument_is_refused_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match=r"not key=value: \['mopd_steps'\]"):
         demo.main([f"out={tmp_path / 'demo'}", "mopd_steps"])
     assert not (tmp_path / "demo").exists()
+
+
+def test_a_stage_made_with_other_settings_is_not_resumed(tmp_path):
+    """Rerunning the demo resumes each stage from its checkpoint; a stage directory left by
+    other settings (another version of the demo, other arguments) stops it before any work."""
+    demo = tool("demo")
+    stage = tmp_path / "demo" / "student"
+    demo._claim_stage(stage, ["recipe=mopd", "train.steps=72"])
+    demo._claim_stage(stage, ["recipe=mopd", "train.steps=72"])  # the same stage again: resumed
+    with pytest.raises(SystemExit, match=r"student was made with other settings.*remove .*demo to start over"):
+        demo._claim_stage(stage, ["recipe=mopd", "train.steps=36"])
+    unrecorded = tmp_path / "old" / "student"
+    (unrecorded / "checkpoints").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="holds checkpoints this demo did not record making"):
+        demo._claim_stage(unrecorded, ["recipe=mopd"])
