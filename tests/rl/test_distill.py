@@ -250,7 +250,8 @@ def test_chunks_of_positions_change_nothing(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tp2(tmp_path_factory):
-    """Both ranks' results from one `torchrun --nproc-per-node 2` launch of the worker."""
+    """Both ranks' results from one 2-rank launch of the worker (torchrun's variables, forked
+    from the suite's zygote: tests/training/runs.py's `launch`)."""
     out = tmp_path_factory.mktemp("distill_tp2")
     code, printed = launch([str(out)], nproc=2, script=ROOT / "tests" / "rl" / "distill_tp_worker.py")
     assert code == 0, printed[-3000:]

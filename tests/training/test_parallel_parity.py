@@ -1,5 +1,6 @@
 """Every parallel layout trains like one process: the same losses (per depth) for the first 3
-steps, fp32, relative difference <= 1e-5, on the tiny MoE + MTP model under torchrun/gloo."""
+steps, fp32, relative difference <= 1e-5, on the tiny MoE + MTP model on gloo ranks (launched
+as torchrun would, forked from the suite's zygote: tests/training/runs.py's `launch`)."""
 
 import shutil
 
