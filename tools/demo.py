@@ -178,13 +178,14 @@ def rl_args(args: dict, data: Path) -> list[str]:
 def mopd_args(args: dict, data: Path, base: Path, teachers: dict[str, Path], run_dir: Path) -> list[str]:
     """The MOPD stage (tools/mopd_trial.py reruns it with overrides), chosen by the trials of
     docs/experiments.md ("MOPD settings"): 32 samples a step (16 prompts x 2) for 72 steps, half
-    the three teachers' tokens; the top-16 distillation loss; and the outcome advantage added at
-    alpha = 1, which carries the few answer-deciding tokens where the reverse teacher's lead sits
-    (without it no setting brought the student within 0.95 of that teacher)."""
+    the three teachers' tokens; the exact (full-vocabulary) KL to the in-process teachers; and
+    the outcome advantage added at alpha = 1, which carries the few answer-deciding tokens where
+    the reverse teacher's lead sits (without it no setting brought the student within 0.95 of
+    that teacher)."""
     listed = ",".join(f"{{name:{d},domain:{d},checkpoint:'{teachers[d]}'}}" for d in DOMAINS)
     return ["recipe=mopd", *rl_args(args, data), f"rl.teachers=[{listed}]", f"train.steps={args['mopd_steps']}",
-            "rl.prompts_per_step=16", "train.global_batch=32", "train.micro_batch=32", "rl.distill_loss=topk",
-            "rl.distill_topk=16", "rl.alpha=1.0", f"checkpoint.load={base}/checkpoints", f"logging.run_dir={run_dir}"]
+            "rl.prompts_per_step=16", "train.global_batch=32", "train.micro_batch=32", "rl.distill_loss=full",
+            "rl.alpha=1.0", f"checkpoint.load={base}/checkpoints", f"logging.run_dir={run_dir}"]
 
 
 def run_environment() -> dict:
