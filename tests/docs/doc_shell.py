@@ -82,9 +82,12 @@ def _script_index(args: list[str]) -> int | None:
     return next((i for i, a in enumerate(args) if a.endswith(".py")), None)
 
 
+NPROC_FLAGS = ("--nproc-per-node", "--nproc_per_node")  # torchrun's spellings of the rank count
+
+
 def nproc_of(launcher_args: list[str]) -> int:
     for i, a in enumerate(launcher_args):
-        for name in ("--nproc-per-node", "--nproc_per_node"):
+        for name in NPROC_FLAGS:
             if a == name:
                 return int(launcher_args[i + 1])
             if a.startswith(name + "="):
@@ -121,12 +124,11 @@ def forkable(kind: str, args: list[str]) -> bool:
     at = _script_index(args)
     if at is None:
         return False
-    names = ("--nproc-per-node", "--nproc_per_node")
     i = 0
     while i < at:
-        if args[i] in names:
+        if args[i] in NPROC_FLAGS:
             i += 2
-        elif args[i].split("=", 1)[0] in names:
+        elif args[i].split("=", 1)[0] in NPROC_FLAGS:
             i += 1
         else:
             return False

@@ -43,7 +43,7 @@ from pathlib import Path
 import pytest
 
 from tests.docs import doc_shell
-from tests.training.runs import ZYGOTE
+from tests.training.runs import ZYGOTE, run_env
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -117,8 +117,7 @@ def _workdir(path: Path) -> Path:
 
 
 def _env(log: Path) -> dict:
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-           "DOCS_PY": sys.executable, "DOCS_SHELL": str(Path(doc_shell.__file__)), "DOCS_TEST_LOG": str(log),
+    env = {**run_env(), "DOCS_PY": sys.executable, "DOCS_SHELL": str(Path(doc_shell.__file__)), "DOCS_TEST_LOG": str(log),
            "DOCS_ZYGOTE": ZYGOTE.path()}
     return env
 

@@ -41,6 +41,12 @@ def make_data(out: Path, **kwargs) -> Path:
     return out
 
 
+def run_env() -> dict[str, str]:
+    """The environment of a test's runs (and of the zygote they fork from): W&B off, one OpenMP
+    thread (two pytest workers already keep both cores busy), the repository importable."""
+    return {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
 def launch(args: list[str], nproc: int = 1, script: Path = RUN, wait: bool = True, interpreter: bool = False):
     """Run `script` (run.py) with `args` on `nproc` ranks; with `wait`, its (exit status, output).
 
@@ -48,7 +54,7 @@ def launch(args: list[str], nproc: int = 1, script: Path = RUN, wait: bool = Tru
     megatron-core already imported, torchrun's variables for more ranks); `interpreter=True`, or
     `wait=False` (the test signals the process), starts `python` or `torchrun` itself, for the
     tests of what the launcher does."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = run_env()
     if wait and not interpreter:
         return ZYGOTE.run(script, args, env, nproc, timeout_s=600)
     if nproc == 1:
@@ -85,7 +91,7 @@ class Zygote:
             atexit.register(self.close)
         else:  # it died: what it said goes with the error of the run that saw it die
             self.close()
-        env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        env = run_env()
         self.dir = tempfile.mkdtemp(prefix="mimo-zygote-")
         self.socket = os.path.join(self.dir, "socket")
         self.stderr = tempfile.TemporaryFile()

@@ -131,11 +131,10 @@ def become_run(request: dict, fds: list[int], extra_env: dict[str, str], inherit
 
 
 class Job:
-    """One request's ranks, answered on `conn` when the last has ended."""
+    """One request's ranks (`serve` keeps its connection, and answers there when the last has ended)."""
 
-    def __init__(self, conn: socket.socket, pids: list[int]):
-        self.conn, self.running, self.code, self.kill_at = conn, set(pids), 0, None
-        self.client_gone = False
+    def __init__(self, pids: list[int]):
+        self.running, self.code, self.kill_at, self.client_gone = set(pids), 0, None, False
 
     def ended(self, pid: int, status: int) -> None:
         self.running.discard(pid)
@@ -178,7 +177,7 @@ def start(conn: socket.socket, inherited: list[socket.socket]) -> Job | None:
     for fd in fds:
         os.close(fd)
     conn.sendall(json.dumps({"pids": pids}).encode())
-    return Job(conn, pids)
+    return Job(pids)
 
 
 def serve(listener: socket.socket) -> None:
